@@ -1,0 +1,860 @@
+"""
+ddpm.py: Denoising Diffusion Probabilistic Models on MNIST, from scratch, in one file.
+
+A diffusion model (Sohl-Dickstein et al. 2015; Ho et al. 2020) destroys a digit in T small
+steps of Gaussian noise and learns to undo one step at a time:
+
+    forward  q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)      (fixed, no weights)
+    closed   q(x_t | x_0)     = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_s (1 - beta_s)
+    reverse  p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)           (learned: a U-Net)
+
+Training maximises a variational bound on log p(x_0); with the reverse mean written through
+a noise predictor eps_theta, the bound becomes, up to weights, the simple loss (Ho eq. 14)
+
+    L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+
+Sampling starts from x_{T-1} ~ N(0, I) and applies the reverse step T times (ancestral), or
+fewer, larger deterministic steps (DDIM, Song et al. 2021). The bound itself, evaluated on
+held-out digits, gives a likelihood in bits/dim.
+
+Run:
+    python ddpm.py --epochs 100                                  # the default model (GPU: minutes)
+    python ddpm.py --data-dir ../shared/mnist --channels 16 --epochs 30   # a small model on a CPU
+    python ddpm.py --resume --epochs 150                         # continue a run
+    python ddpm.py --eval-only --eval-images 1000                # bits/dim of out/ddpm/ckpt.pt
+
+Writes to --out-dir (default out/ddpm): ckpt.pt (raw + EMA weights, optimizer, step, RNG),
+samples_epoch_NNN.png (from the EMA weights), metrics.json (config, losses, bits/dim, speed).
+
+Reading order: schedules -> forward process -> posterior -> parameterisations -> loss ->
+samplers -> bits/dim -> EMA -> data / checkpoint helpers -> training loop -> main().
+Time indices are 0-based throughout: t in [0, T), x_{T-1} is (almost) pure noise and the
+data x_0 of the papers is called x0 ("x_start"), with x_t at t = 0 the first noisy version.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.utils import save_image
+
+from unet import UNet
+
+CKPT_VERSION = 1
+PROG = "ddpm.py"
+
+
+def fail(message):
+    """Stop with one clear line on stderr (bad input is not a traceback)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Noise schedules
+# ---------------------------------------------------------------------------------------
+# beta_t is the variance of the noise added at step t. All schedule math is done in float64
+# (alpha_bar is a product of 1000 numbers close to 1) and stored as float32.
+
+def linear_betas(T):
+    """Ho et al. 2020: beta linear from 1e-4 to 0.02 for T = 1000.
+
+    For other T both ends are scaled by 1000/T (improved-diffusion), which keeps the total
+    noise sum(beta) about the same, so x_{T-1} is pure noise for every T. Unscaled, T = 200
+    would leave sqrt(alpha_bar) = 0.36 of the digit at the last step. Below T = 20 the scaled
+    end passes 1 (a step cannot add more than all the noise), so betas are capped at 0.999
+    as in the cosine schedule."""
+    scale = 1000.0 / T
+    return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
+
+
+def cosine_betas(T, s=0.008, max_beta=0.999):
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(u) = cos^2(((u + s)/(1 + s)) pi/2).
+
+    beta_t = 1 - alpha_bar(t+1)/alpha_bar(t) = 1 - f((t+1)/T) / f(t/T), clipped at 0.999
+    (the last step would be beta = 1, which divides by zero in the posterior).
+    The small offset s keeps beta_0 from being vanishingly small. Noise is added more
+    slowly than with the linear schedule, which wastes fewer steps on pure noise at 28x28.
+    """
+    def f(u):
+        return torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    t = torch.arange(T, dtype=torch.float64)
+    return (1 - f((t + 1) / T) / f(t / T)).clamp(max=max_beta)
+
+
+def make_schedule(name, T, device="cpu"):
+    """All per-timestep constants the model uses, as float32 tensors of shape (T,)."""
+    if name == "linear":
+        betas = linear_betas(T)
+    elif name == "cosine":
+        betas = cosine_betas(T)
+    else:
+        raise ValueError(f"unknown schedule {name!r}: use 'linear' or 'cosine'")
+    alphas = 1 - betas                                                # alpha_t = 1 - beta_t
+    alpha_bar = torch.cumprod(alphas, dim=0)                          # alpha_bar_t = prod_{s<=t} alpha_s
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # alpha_bar_{t-1}, 1 at t=0
+    # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t) (Ho eq. 6-7):
+    #   beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    #   coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
+    #   coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    post_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    # beta_tilde_0 = 0 (x_0 is known exactly given x at t = 0); its log would be -inf, so the
+    # bound uses beta_tilde_1 there (improved-diffusion's "log variance clipped").
+    post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    sched = {
+        "betas": betas,
+        "alphas": alphas,
+        "alpha_bar": alpha_bar,
+        "alpha_bar_prev": alpha_bar_prev,
+        "sqrt_alpha_bar": alpha_bar.sqrt(),
+        "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
+        "post_var": post_var,
+        "post_log_var": post_log_var,
+        "post_coef_x0": alpha_bar_prev.sqrt() * betas / (1 - alpha_bar),
+        "post_coef_xt": alphas.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
+    }
+    return {k: v.to(device=device, dtype=torch.float32) for k, v in sched.items()}
+
+
+def at(values, t):
+    """values[t] shaped (B, 1, 1, 1) to broadcast against images (B, C, H, W)."""
+    return values[t].view(-1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Forward process and its posterior
+# ---------------------------------------------------------------------------------------
+
+def q_sample(sched, x0, t, noise):
+    """x_t ~ q(x_t | x_0) by reparameterisation (Ho eq. 4):  x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
+    return at(sched["sqrt_alpha_bar"], t) * x0 + at(sched["sqrt_one_minus_alpha_bar"], t) * noise
+
+
+def q_posterior(sched, x0, x_t, t):
+    """Mean, variance and log variance of q(x_{t-1} | x_t, x_0) (Ho eq. 6-7).
+
+    Tractable because, given x_0, both q(x_{t-1}|x_0) and q(x_t|x_{t-1}) are Gaussian:
+    Bayes' rule multiplies them into another Gaussian."""
+    mean = at(sched["post_coef_x0"], t) * x0 + at(sched["post_coef_xt"], t) * x_t
+    return mean, at(sched["post_var"], t), at(sched["post_log_var"], t)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. What the network predicts: eps, x0 or v
+# ---------------------------------------------------------------------------------------
+# Given x_t, any one of eps, x0, v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)
+# determines the other two, so the network can be trained to output any of them. The
+# sampler and the bound always work with (x0_hat, eps_hat).
+
+def predict_x0_eps(sched, x_t, t, out, pred, clip=False):
+    """Turn the network output into (x0_hat, eps_hat).
+
+    eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)          (Ho eq. 4 solved for x_0)
+    x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+    v:   x0 = sqrt(ab) x_t - sqrt(1 - ab) v,  eps = sqrt(1 - ab) x_t + sqrt(ab) v
+    clip: clamp x0_hat to the data range [-1, 1] and re-derive eps_hat from it, so the two
+    stay consistent (what the DDPM and DDIM reference samplers do).
+    """
+    sa, s1a = at(sched["sqrt_alpha_bar"], t), at(sched["sqrt_one_minus_alpha_bar"], t)
+    if pred == "eps":
+        eps = out
+        x0 = (x_t - s1a * eps) / sa
+    elif pred == "x0":
+        x0 = out
+        eps = (x_t - sa * x0) / s1a
+    elif pred == "v":
+        x0 = sa * x_t - s1a * out
+        eps = s1a * x_t + sa * out
+    else:
+        raise ValueError(f"unknown prediction target {pred!r}: use 'eps', 'x0' or 'v'")
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x_t - sa * x0) / s1a
+    return x0, eps
+
+
+def training_target_and_weight(sched, x0, noise, t, pred):
+    """The regression target for each parameterisation and the weight that makes its MSE
+    equal to the eps-MSE of the simple loss (Ho eq. 14), with snr = ab / (1 - ab):
+
+        ||eps - eps_hat||^2 = 1 * ||eps - eps_hat||^2 = snr ||x0 - x0_hat||^2 = snr/(snr + 1) ||v - v_hat||^2
+
+    So --pred changes what the network outputs, not what is optimised. (The x0 weight is
+    about 1e4 at t = 0: predicting x0 there is easy and its errors are magnified.)"""
+    ab = at(sched["alpha_bar"], t)
+    if pred == "eps":
+        return noise, torch.ones_like(ab)
+    if pred == "x0":
+        return x0, ab / (1 - ab)
+    if pred == "v":
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0, ab  # snr / (snr + 1) = ab
+    raise ValueError(f"unknown prediction target {pred!r}: use 'eps', 'x0' or 'v'")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Training loss
+# ---------------------------------------------------------------------------------------
+
+def diffusion_loss(model_fn, sched, x0, pred, generator=None):
+    """Per-image simple loss and the timesteps drawn.  (B,1,28,28) -> (B,), (B,)
+
+    Algorithm 1 of Ho et al.: t ~ Uniform{0..T-1}, eps ~ N(0, I), regress the target at
+    x_t = q_sample(x_0, t, eps). Returns the per-image loss so that the training loop can
+    report it per quarter of the timestep range."""
+    T = sched["betas"].shape[0]
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = q_sample(sched, x0, t, noise)
+    target, weight = training_target_and_weight(sched, x0, noise, t, pred)
+    out = model_fn(x_t, t)
+    return (weight * (out - target) ** 2).mean(dim=(1, 2, 3)), t
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Samplers
+# ---------------------------------------------------------------------------------------
+
+def p_mean_var(sched, x_t, t, out, pred, clip=True):
+    """The learned reverse step p(x_{t-1} | x_t) = N(mean, var) (Ho eq. 1, 11).
+
+    The mean is the posterior mean with x_0 replaced by the network's estimate:
+        mu_theta(x_t, t) = coef1 x0_hat + coef2 x_t,
+    which, written through eps_hat, is Ho eq. 11: (x_t - beta_t / sqrt(1 - ab_t) eps_hat) / sqrt(alpha_t).
+    The variance is fixed to the posterior's beta_tilde_t (Ho sec. 3.2: beta_t gives about the
+    same samples). Returns mean, var, log var (clipped at t = 0), x0_hat, eps_hat."""
+    x0_hat, eps_hat = predict_x0_eps(sched, x_t, t, out, pred, clip=clip)
+    mean, var, log_var = q_posterior(sched, x0_hat, x_t, t)
+    return mean, var, log_var, x0_hat, eps_hat
+
+
+def keep_at(n_steps, n_keep):
+    """Indices of n_keep sampler steps, evenly spaced, ending at the last (for trajectories)."""
+    if n_keep <= 0:
+        return set()
+    return {int(round(v)) for v in np.linspace(0, n_steps - 1, n_keep)}
+
+
+@torch.no_grad()
+def ddpm_sample(model_fn, sched, shape, pred, device, generator=None, trajectory=0):
+    """Ancestral sampling, Ho et al. Algorithm 2: x_{T-1} ~ N(0, I), then for t = T-1 .. 0
+        x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z ~ N(0, I)  (no noise at the last step).
+    Returns x in [-1, 1] and, if trajectory > 0, a list of that many intermediate x."""
+    T = sched["betas"].shape[0]
+    x = torch.randn(shape, device=device, generator=generator)
+    kept, keep = [], keep_at(T, trajectory)
+    for i, step in enumerate(range(T - 1, -1, -1)):
+        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+        mean, var, _, _, _ = p_mean_var(sched, x, t, model_fn(x, t), pred)
+        x = mean if step == 0 else mean + var.sqrt() * torch.randn(shape, device=device, generator=generator)
+        if i in keep:
+            kept.append(x.clone())
+    return x, kept
+
+
+def ddim_timesteps(T, steps):
+    """The 'trailing' grid of `steps` timesteps (Lin et al. 2024, table 2): starts at T-1,
+    the only step whose input is pure noise, e.g. T = 1000, 50 steps: 999, 979, ..., 19.
+    A grid that starts lower (0, 20, ..., 980) never starts from the noise it was trained on."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"sample steps must be in [1, {T}], got {steps}")
+    return [int(v) for v in np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1]
+
+
+def ddim_sigma2(ab_t, ab_prev, eta):
+    """Song et al. 2021, eq. 16: sigma^2 = eta^2 (1 - ab_prev)/(1 - ab_t) (1 - ab_t / ab_prev).
+    eta = 0: deterministic DDIM; eta = 1 on the full grid: DDPM's posterior variance beta_tilde_t."""
+    return eta ** 2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+
+
+@torch.no_grad()
+def ddim_sample(model_fn, sched, shape, pred, device, steps=50, eta=0.0, generator=None, trajectory=0):
+    """DDIM, Song et al. 2021 eq. 12, from t to the previous grid point s:
+
+        x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z
+
+    i.e. the predicted digit, re-noised to level s along the predicted noise direction, plus
+    fresh noise of variance sigma^2 (ddim_sigma2). After the last grid point, ab = 1: x = x0_hat."""
+    T = sched["betas"].shape[0]
+    grid = ddim_timesteps(T, steps)
+    x = torch.randn(shape, device=device, generator=generator)
+    kept, keep = [], keep_at(len(grid), trajectory)
+    for i, step in enumerate(grid):
+        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+        x0_hat, eps_hat = predict_x0_eps(sched, x, t, model_fn(x, t), pred, clip=True)
+        ab_t = sched["alpha_bar"][step]
+        ab_prev = sched["alpha_bar"][grid[i + 1]] if i + 1 < len(grid) else torch.ones_like(ab_t)
+        sigma2 = ddim_sigma2(ab_t, ab_prev, eta)
+        x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma2).clamp(min=0).sqrt() * eps_hat
+        if eta > 0 and i + 1 < len(grid):
+            x = x + sigma2.sqrt() * torch.randn(shape, device=device, generator=generator)
+        if i in keep:
+            kept.append(x.clone())
+    return x, kept
+
+
+def sample(model_fn, sched, n, pred, device, sampler="ddpm", steps=None, eta=0.0, generator=None, trajectory=0):
+    """Draw n MNIST-shaped samples in [-1, 1] with the chosen sampler."""
+    shape = (n, 1, 28, 28)
+    if sampler == "ddpm":
+        return ddpm_sample(model_fn, sched, shape, pred, device, generator, trajectory)
+    return ddim_sample(model_fn, sched, shape, pred, device, steps or 50, eta, generator, trajectory)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. The variational bound in bits/dim
+# ---------------------------------------------------------------------------------------
+# -log p(x_0) <= L = L_prior + sum_{t=1}^{T-1} L_t + L_0   (Ho eq. 5, 0-indexed)
+#   L_prior = KL(q(x_{T-1} | x_0) || N(0, I))                      no weights; ~0 if the schedule ends in noise
+#   L_t     = E_q KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))     Gaussian vs Gaussian, closed form
+#   L_0     = -E_q log p(x_0 | x at t=0)                            a discretized Gaussian on the 256 pixel levels
+# Each term is averaged over the 784 pixels and divided by ln 2: bits per dimension.
+# Data are the 8-bit pixel values k/127.5 - 1, k = 0..255, so the decoder assigns each the
+# probability of its bin [x - 1/255, x + 1/255] (edge bins open to +-infinity), and the bound
+# is a real upper bound on the negative log-likelihood of the discrete digits.
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def log_normal_cdf_diff(lo, hi):
+    """log(Phi(hi) - Phi(lo)) for hi > lo, stable in both tails (Phi = standard normal CDF).
+
+    In the right tail, Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi), which keeps both CDFs small
+    and so in the range where log_ndtr is exact; then log(a - b) = log a + log(1 - b/a)."""
+    flip = lo > 0
+    a, b = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
+    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-12)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(pixel bin of x) under N(mean, e^(2 log_scale)) (Ho et al. sec. 3.3, eq. 13).
+
+    x holds 8-bit values scaled to [-1, 1]; the bin of x is [x - 1/255, x + 1/255], except at
+    the edges where the bin of -1 extends to -inf and the bin of +1 to +inf, so the 256
+    probabilities sum to exactly one."""
+    inv_scale = torch.exp(-log_scale)
+    lo = (x - mean - 1.0 / 255) * inv_scale
+    hi = (x - mean + 1.0 / 255) * inv_scale
+    log_cdf_hi = torch.special.log_ndtr(hi)           # bin (-inf, x + 1/255] at x = -1
+    log_sf_lo = torch.special.log_ndtr(-lo)           # bin [x - 1/255, inf)  at x = +1
+    mid = log_normal_cdf_diff(lo, hi)
+    return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_sf_lo, mid))
+
+
+@torch.no_grad()
+def vlb_bits_per_dim(model_fn, sched, x0, pred, generator=None):
+    """The bound L for each image of x0 (B,1,H,W) in [-1, 1]: T network calls per image.
+
+    Returns a dict of (B,) tensors: total, prior, kl (the sum of the L_t), decoder (L_0).
+    Uses the same reverse process as the sampler (x0_hat clipped to [-1, 1]): any choice of
+    mean gives a valid bound, and this one is the model that draws the samples."""
+    T = sched["betas"].shape[0]
+    B = x0.shape[0]
+    bits = 1.0 / math.log(2.0)
+    per_image = lambda nats: nats.mean(dim=(1, 2, 3)) * bits  # noqa: E731  nats/pixel -> bits/dim
+
+    # L_prior: q(x_{T-1} | x_0) = N(sqrt(ab) x_0, 1 - ab) against N(0, 1).
+    ab_last = sched["alpha_bar"][-1]
+    prior = per_image(normal_kl(ab_last.sqrt() * x0, torch.log(1 - ab_last), torch.zeros_like(x0), torch.zeros_like(x0)))
+
+    kl = torch.zeros(B, device=x0.device)
+    decoder = torch.zeros(B, device=x0.device)
+    for step in range(T - 1, -1, -1):
+        t = torch.full((B,), step, device=x0.device, dtype=torch.long)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x_t = q_sample(sched, x0, t, noise)
+        mean, _, log_var, _, _ = p_mean_var(sched, x_t, t, model_fn(x_t, t), pred, clip=True)
+        if step > 0:
+            true_mean, _, true_log_var = q_posterior(sched, x0, x_t, t)
+            kl += per_image(normal_kl(true_mean, true_log_var, mean, log_var))
+        else:
+            decoder = per_image(-discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
+    return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Exponential moving average of the weights
+# ---------------------------------------------------------------------------------------
+# Samples from an average of the recent weights are markedly cleaner than from the last
+# weights (Ho et al. use decay 0.9999). A fixed 0.9999 averages over ~10,000 steps, which
+# would leave a short run sampling from nearly-initial weights, so the decay warms up.
+
+def ema_decay(k, max_decay):
+    """Decay for the k-th update (k = 0, 1, ...): min(max_decay, 1 - (1 + k)^(-3/4)).
+    0 at k = 0 (the average starts as a copy), 0.99 after ~450 steps, 0.999 after ~10^4."""
+    return min(max_decay, 1.0 - (1.0 + k) ** -0.75)
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for every parameter in one fused call.
+    Parameters only: the schedule is not part of the network, and GroupNorm has no buffers."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Model, device, data, checkpoint: small helpers, the same shape in every script
+# ---------------------------------------------------------------------------------------
+
+MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout",
+              "schedule", "timesteps", "pred")
+
+
+def parse_channel_mult(text):
+    try:
+        mult = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        mult = ()
+    if not mult or min(mult) < 1:
+        raise ValueError(f"--channel-mult must be comma-separated positive integers, got {text!r}")
+    return mult
+
+
+def build_model(config):
+    """The U-Net described by a config dict (the argparse namespace, or a checkpoint's)."""
+    return UNet(in_channels=1, out_channels=1, channels=config["channels"],
+                channel_mult=parse_channel_mult(config["channel_mult"]), num_blocks=config["num_blocks"],
+                attention=config["attention"], dropout=config["dropout"], block=config["arch"])
+
+
+def make_model_fn(net, device, amp):
+    """net(x, t) with the network in bf16 autocast (if amp) and the output back in float32,
+    so that everything around the network (schedule, loss, sampler, bound) stays fp32."""
+    def model_fn(x, t):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            return net(x, t).float()
+    return model_fn
+
+
+def get_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked, but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked, but MPS is not available")
+    return torch.device(name)
+
+
+def load_mnist(data_dir, train, device):
+    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        raw = os.path.join(data_dir, "MNIST", "raw")
+        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
+             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in {raw}/ "
+             f"or point --data-dir at a folder that has them (e.g. --data-dir ../shared/mnist)")
+    return ds.data.to(device), ds.targets.to(device)
+
+
+def to_model_range(images_u8):
+    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]: x = k / 127.5 - 1."""
+    return images_u8.unsqueeze(1).float() / 127.5 - 1
+
+
+def epoch_permutation(n, seed, epoch, device):
+    """The order of the training images in one epoch. Drawn from its own generator seeded by
+    (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def save_checkpoint(state, path):
+    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint as data (weights_only=True: no code runs) and check it is ours."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"{path} is not a {kind} checkpoint (kind: {found!r})")
+    if ckpt.get("version", 0) > CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    return ckpt
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Training and evaluation
+# ---------------------------------------------------------------------------------------
+
+def save_grid(model_fn, sched, args, device, path):
+    """Sample a grid with a fixed generator (the same noise every epoch, so grids compare),
+    write it, and return the sampling speed in images/s."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    t0 = time.perf_counter()
+    x, _ = sample(model_fn, sched, args.num_samples, args.pred, device, args.sampler,
+                  args.sample_steps, args.eta, generator=gen)
+    x = x.cpu()  # waits for the device: the timing below is real
+    speed = args.num_samples / (time.perf_counter() - t0)
+    save_image((x + 1) / 2, path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
+    return speed
+
+
+@torch.no_grad()
+def evaluate(model_fn, sched, test_x, args, device):
+    """Held-out metrics: the simple loss on the whole test split (cheap) and the bound in
+    bits/dim on the first --eval-images test digits (T network calls each)."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    batch = max(args.batch_size, 256)
+    losses = []
+    for i in range(0, len(test_x), batch):
+        loss, _ = diffusion_loss(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
+        losses.append(loss)
+    metrics = {"test_loss": torch.cat(losses).mean().item()}
+    n = min(args.eval_images, len(test_x))
+    if n > 0:
+        T = sched["betas"].shape[0]
+        log(f"bound: {n} test images x {T} timesteps = {n * T:,} network calls (--eval-images sets how many)")
+        t0 = time.perf_counter()
+        parts = [vlb_bits_per_dim(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
+                 for i in range(0, n, batch)]
+        for key in ("total", "prior", "kl", "decoder"):
+            metrics[f"test_bpd_{key}" if key != "total" else "test_bpd"] = torch.cat([p[key] for p in parts]).mean().item()
+        metrics["test_bpd_images"] = n
+        log(f"bound: {metrics['test_bpd']:.4f} bits/dim (prior {metrics['test_bpd_prior']:.5f}, "
+            f"diffusion KLs {metrics['test_bpd_kl']:.4f}, decoder {metrics['test_bpd_decoder']:.4f}) "
+            f"in {time.perf_counter() - t0:.1f}s")
+    return metrics
+
+
+def setup(args):
+    """Device, precision, compile and TF32 settings shared by training and evaluation."""
+    device = get_device(args.device)
+    args.compile = (device.type == "cuda") if args.compile is None else args.compile
+    args.amp = (device.type == "cuda") if args.amp is None else args.amp
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def train(args):
+    device = setup(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, "ddpm")
+        # The model, the schedule and the data order come from the checkpoint; the flags for
+        # run length, logging, sampling and hardware come from this command line.
+        for key, value in ckpt["config"].items():
+            if key in MODEL_KEYS or key in ("seed", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay"):
+                setattr(args, key, value)
+    elif os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or --out-dir for a new one")
+
+    torch.manual_seed(args.seed)
+    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
+    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
+    steps_per_epoch = len(train_x) // args.batch_size  # full batches only: step -> (epoch, batch) is exact
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+
+    sched = make_schedule(args.schedule, args.timesteps, device)
+    net = build_model(vars(args)).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"], device)
+        log(f"resumed {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    # Compile the training network and the EMA copy used for sampling (separate graphs: one
+    # trains, one only infers). The checkpoint always stores the uncompiled modules.
+    train_fn = make_model_fn(torch.compile(net) if args.compile else net, device, args.amp)
+    ema_fn = make_model_fn(torch.compile(ema) if args.compile else ema, device, args.amp)
+
+    n_params = sum(p.numel() for p in params)
+    log(f"ddpm: {n_params / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, T={args.timesteps}, "
+        f"pred={args.pred} | {len(train_x)} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
+
+    def checkpoint():
+        save_checkpoint({"kind": "ddpm", "version": CKPT_VERSION, "config": vars(args),
+                         "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "step": step, "epoch": step // steps_per_epoch, "rng": rng_state(device)}, ckpt_path)
+
+    # Per-quarter loss accumulators live on the device: no host sync until a log line.
+    quarter_sum = torch.zeros(4, device=device)
+    quarter_cnt = torch.zeros(4, device=device)
+    train_loss = float("nan")
+    t_start = time.perf_counter()
+    t_log, step_log = t_start, step
+    steady_time, steady_images = 0.0, 0  # throughput after the first log interval (compile, warm-up)
+    first_interval = True
+    sample_speed = None
+    net.train()
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            perm = epoch_permutation(len(train_x), args.seed, epoch, device)
+            for i in range(step % steps_per_epoch, steps_per_epoch):
+                x0 = to_model_range(train_x[perm[i * args.batch_size:(i + 1) * args.batch_size]])
+                for group in opt.param_groups:  # linear warm-up of the learning rate
+                    group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+                loss_per_image, t = diffusion_loss(train_fn, sched, x0, args.pred)
+                opt.zero_grad(set_to_none=True)
+                loss_per_image.mean().backward()
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                opt.step()
+                ema_update(ema_params, params, ema_decay(step, args.ema_decay))
+                step += 1
+                quarter = t * 4 // args.timesteps
+                quarter_sum.index_add_(0, quarter, loss_per_image.detach())
+                quarter_cnt.index_add_(0, quarter, torch.ones_like(loss_per_image))
+
+                if step % args.log_every == 0 or step == total_steps:
+                    # The one host sync, at log time only: mean loss since the last log line,
+                    # overall and per quarter of the timestep range (t in [0, T/4), ...).
+                    train_loss = (quarter_sum.sum() / quarter_cnt.sum()).item()
+                    q = (quarter_sum / quarter_cnt.clamp(min=1)).tolist()
+                    quarter_sum.zero_(), quarter_cnt.zero_()
+                    now = time.perf_counter()
+                    speed = (step - step_log) * args.batch_size / (now - t_log)
+                    if not first_interval:
+                        steady_time += now - t_log
+                        steady_images += (step - step_log) * args.batch_size
+                    first_interval = False
+                    eta = (total_steps - step) * args.batch_size / speed
+                    log(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | loss {train_loss:.4f} "
+                        f"| by t quarter {' '.join(f'{v:.4f}' for v in q)} | {speed:,.0f} img/s | eta {eta / 60:.1f} min")
+                    t_log, step_log = now, step
+                if step >= total_steps:
+                    break
+            # End of an epoch (or of --max-steps): grid every --sample-every epochs and at the
+            # end, then the checkpoint, so an interruption loses at most one epoch.
+            done = step // steps_per_epoch
+            last = step >= total_steps
+            if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
+                t0 = time.perf_counter()
+                path = os.path.join(args.out_dir, f"samples_epoch_{done:03d}.png")
+                sample_speed = save_grid(ema_fn, sched, args, device, path)
+                log(f"wrote {path} ({args.sampler}, {args.num_samples / sample_speed:.1f}s)")
+                t_log += time.perf_counter() - t0  # sampling time is not training throughput
+            checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(130)
+
+    wall = time.perf_counter() - t_start
+    images_per_sec = steady_images / steady_time if steady_time > 0 else (step * args.batch_size) / wall
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+               "train_loss": train_loss, "train_images_per_sec": images_per_sec,
+               "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
+               "parameters": n_params}
+    metrics.update(evaluate(ema_fn, sched, test_x, args, device))
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.4f} | test loss {metrics['test_loss']:.4f}"
+        + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
+        + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
+
+
+def describe(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return device.type
+
+
+def eval_only(args):
+    """Evaluate the EMA weights of out-dir/ckpt.pt: held-out loss, bound in bits/dim, a grid."""
+    device = setup(args)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, "ddpm")
+    for key in MODEL_KEYS + ("seed",):
+        setattr(args, key, ckpt["config"][key])
+    sched = make_schedule(args.schedule, args.timesteps, device)
+    ema = build_model(ckpt["config"]).to(device).eval()
+    ema.load_state_dict(ckpt["ema"])
+    ema_fn = make_model_fn(torch.compile(ema) if args.compile else ema, device, args.amp)
+    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
+    log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
+    metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
+    metrics.update(evaluate(ema_fn, sched, test_x, args, device))
+    path = os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png")
+    metrics["sample_images_per_sec"] = save_grid(ema_fn, sched, args, device, path)
+    log(f"test loss {metrics['test_loss']:.4f} | wrote {path} at {metrics['sample_images_per_sec']:.1f} img/s")
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------
+# 10. Command line
+# ---------------------------------------------------------------------------------------
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog=PROG, description="Train or evaluate a DDPM on MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
+    g.add_argument("--out-dir", default="out/ddpm", help="checkpoint, sample grids, metrics.json")
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--batch-size", type=positive_int, default=256)
+    g.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
+    g.add_argument("--warmup-steps", type=positive_int, default=500, help="linear learning-rate warm-up")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (default: on for CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the network (default: on for CUDA only)")
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
+    g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
+    g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
+    g.add_argument("--eval-images", type=nonneg_int, default=256,
+                   help="test images for the bound in bits/dim (T network calls each; 0 skips it)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["resnet", "shuffle"], default="resnet", help="U-Net block type")
+    g.add_argument("--channels", type=positive_int, default=32, help="width of the first U-Net level")
+    g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
+    g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
+    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="self-attention at the lowest resolution")
+    g.add_argument("--dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
+    g.add_argument("--pred", choices=["eps", "x0", "v"], default="eps", help="what the network predicts")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (all T steps) or DDIM")
+    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
+    return p
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    parser.error = fail  # argparse's own errors as one line too
+    args = parser.parse_args(argv)
+    try:
+        parse_channel_mult(args.channel_mult)
+    except ValueError as e:
+        fail(str(e))
+    if not 0.0 <= args.ema_decay < 1.0:
+        fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0.0 <= args.dropout < 1.0:
+        fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.eta < 0:
+        fail(f"--eta must be >= 0, got {args.eta}")
+    if args.sample_steps is not None:
+        if args.sampler != "ddim":
+            fail("--sample-steps applies to --sampler ddim (ancestral sampling uses all T steps)")
+        if args.sample_steps > args.timesteps:
+            fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
+    if args.eta and args.sampler != "ddim":
+        fail("--eta applies to --sampler ddim")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.eval_only:
+        eval_only(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""ddpm.py end to end in a subprocess, on the fake MNIST: files written, exact resume,
+the compile + bf16 path, and one clear line for each kind of bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
+        "--batch-size", "32", "--log-every", "2", "--num-samples", "4", "--device", "cpu"]
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # downloads fail at once
+
+
+def ddpm(run_script, data, out, *args):
+    return run_script("ddpm.py", "--data-dir", data, "--out-dir", out, *TINY, *args)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "error" in lines[0] and all(n in lines[0] for n in needles), lines[0]
+
+
+def test_train_writes_checkpoint_grids_metrics(run_script, fake_mnist, tmp_path):
+    out = str(tmp_path / "run")
+    proc = ddpm(run_script, fake_mnist, out, "--epochs", "2", "--sample-every", "1", "--eval-images", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "img/s" in proc.stdout and "by t quarter" in proc.stdout and "bits/dim" in proc.stdout
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.json", "samples_epoch_001.png", "samples_epoch_002.png"]
+    ckpt = load(os.path.join(out, "ckpt.pt"))  # plain data: loads with weights_only=True
+    assert ckpt["kind"] == "ddpm" and ckpt["step"] == 16 and ckpt["epoch"] == 2  # 256 images / 32 = 8 steps/epoch
+    assert set(ckpt["model"]) == set(ckpt["ema"]) and not any("_orig_mod" in k for k in ckpt["model"])
+    assert ckpt["config"]["timesteps"] == 10 and "cpu" in ckpt["rng"]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("train_loss", "test_loss", "test_bpd", "train_images_per_sec", "wall_time_s", "peak_memory_mb", "device"):
+        assert metrics[key] is not None, key
+    assert metrics["test_bpd"] > 0 and metrics["config"]["epochs"] == 2
+
+
+def test_resume_continues_exactly(run_script, fake_mnist, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    common = ("--eval-images", "0", "--sample-every", "5")
+    assert ddpm(run_script, fake_mnist, straight, "--max-steps", "11", *common).returncode == 0
+    assert ddpm(run_script, fake_mnist, split, "--max-steps", "5", *common).returncode == 0  # stops mid-epoch
+    assert load(os.path.join(split, "ckpt.pt"))["step"] == 5
+    proc = ddpm(run_script, fake_mnist, split, "--max-steps", "11", "--resume", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed" in proc.stdout and "at step 5" in proc.stdout
+    a, b = load(os.path.join(straight, "ckpt.pt")), load(os.path.join(split, "ckpt.pt"))
+    assert a["step"] == b["step"] == 11
+    for key in a["model"]:  # same batches, same noise, same optimizer state: the same weights
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_eval_only(run_script, fake_mnist, tmp_path):
+    out = str(tmp_path / "run")
+    assert ddpm(run_script, fake_mnist, out, "--max-steps", "2", "--eval-images", "0").returncode == 0
+    proc = ddpm(run_script, fake_mnist, out, "--eval-only", "--eval-images", "3", "--sampler", "ddim", "--sample-steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert result["test_bpd_images"] == 3 and result["test_bpd"] > 0
+    assert os.path.exists(os.path.join(out, "eval_samples_ddim.png"))
+
+
+def test_compile_and_bf16_path_on_cpu(run_script, fake_mnist, tmp_path):
+    """What runs on a GPU by default (torch.compile + bf16 autocast), exercised on the CPU so
+    that code that breaks compile or autocast fails here and not on a user's GPU."""
+    out = str(tmp_path / "run")
+    proc = ddpm(run_script, fake_mnist, out, "--max-steps", "2", "--compile", "--amp", "--eval-images", "1",
+                "--sampler", "ddim", "--sample-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compile=True, amp=True" in proc.stdout
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["train_loss"] == metrics["train_loss"] and metrics["test_bpd"] > 0  # not NaN
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--schedule", "sigmoid"], "--schedule"),
+    (["--arch", "transformer"], "--arch"),
+    (["--timesteps", "0"], "--timesteps"),
+    (["--timesteps", "-3"], "--timesteps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--pred", "score"], "--pred"),
+    (["--channel-mult", "1,x"], "--channel-mult"),
+    (["--sample-steps", "5"], "--sampler ddim"),
+    (["--sampler", "ddim", "--sample-steps", "50"], "more than --timesteps"),
+    (["--batch-size", "1000"], "larger than the training set"),
+])
+def test_bad_arguments(run_script, fake_mnist, tmp_path, args, needle):
+    proc = ddpm(run_script, fake_mnist, str(tmp_path / "run"), *args)
+    assert_one_line_error(proc, needle)
+
+
+def test_missing_data_offline(run_script, tmp_path, monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    proc = ddpm(run_script, str(tmp_path / "nowhere"), str(tmp_path / "run"))
+    assert_one_line_error(proc, "MNIST", "train-images-idx3-ubyte", os.path.join("nowhere", "MNIST", "raw"))
+
+
+def test_bad_checkpoints_never_overwrite(run_script, fake_mnist, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = out / "ckpt.pt"
+
+    ckpt.write_bytes(b"this is not a checkpoint")
+    assert_one_line_error(ddpm(run_script, fake_mnist, str(out), "--resume"), "not a readable checkpoint")
+    assert ckpt.read_bytes() == b"this is not a checkpoint"
+
+    torch.save({"kind": "vae", "version": 1}, ckpt)
+    before = ckpt.read_bytes()
+    assert_one_line_error(ddpm(run_script, fake_mnist, str(out), "--resume"), "not a ddpm checkpoint")
+    assert ckpt.read_bytes() == before
+
+    torch.save({"kind": "ddpm", "version": 99}, ckpt)
+    before = ckpt.read_bytes()
+    assert_one_line_error(ddpm(run_script, fake_mnist, str(out), "--resume"), "newer")
+    # A new run into a folder that holds a checkpoint refuses rather than overwrite it.
+    assert_one_line_error(ddpm(run_script, fake_mnist, str(out)), "exists", "--resume")
+    assert ckpt.read_bytes() == before
+
+    assert_one_line_error(ddpm(run_script, fake_mnist, str(tmp_path / "empty"), "--resume"), "no checkpoint")
+
+
+def test_help_documents_every_flag(run_script):
+    proc = run_script("ddpm.py", "--help")
+    assert proc.returncode == 0
+    for flag in ("--data-dir", "--out-dir", "--epochs", "--max-steps", "--device", "--compile", "--amp",
+                 "--sample-every", "--resume", "--arch", "--schedule", "--timesteps", "--pred", "--ema-decay",
+                 "--sampler", "--sample-steps", "--eta", "--eval-images"):
+        assert flag in proc.stdout, flag
