@@ -380,7 +380,11 @@ def vlb_bits_per_dim(model_fn, sched, x0, pred, generator=None):
             true_mean, _, true_log_var = q_posterior(sched, x0, x_t, t)
             kl += per_image(normal_kl(true_mean, true_log_var, mean, log_var))
         else:
-            decoder = per_image(-discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
+            # torch.special.log_ndtr has no MPS kernel in many torch versions: on a Mac this one
+            # term (once per batch) is computed on the CPU.
+            dev = torch.device("cpu") if x0.device.type == "mps" else x0.device
+            nll = -discretized_gaussian_log_likelihood(x0.to(dev), mean.to(dev), 0.5 * log_var.to(dev))
+            decoder = per_image(nll).to(x0.device)
     return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
 
 
@@ -584,7 +588,6 @@ def setup(args):
 
 def train(args):
     device = setup(args)
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
     ckpt = None
@@ -607,6 +610,7 @@ def train(args):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
+    os.makedirs(args.out_dir, exist_ok=True)  # only now: bad input leaves no folder behind
 
     sched = make_schedule(args.schedule, args.timesteps, device)
     net = build_model(vars(args)).to(device)
