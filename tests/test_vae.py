@@ -1,0 +1,295 @@
+"""Tests for vae.py: each formula against an independent computation (torch.distributions,
+closed forms), shapes, a short training run, and the command line in a subprocess."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
+
+import vae
+
+
+# ---------------------------------------------------------------------------------------
+# Formulas against torch.distributions
+# ---------------------------------------------------------------------------------------
+
+def test_kl_closed_form_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(16, 7, generator=g, dtype=torch.float64) * 2
+    logvar = torch.randn(16, 7, generator=g, dtype=torch.float64) * 1.5
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=1)
+    torch.testing.assert_close(vae.kl_to_standard_normal(mu, logvar), expected)
+    # and it is zero exactly at the prior
+    assert vae.kl_to_standard_normal(torch.zeros(1, 3), torch.zeros(1, 3)).abs().item() < 1e-7
+
+
+def test_gaussian_log_density_matches_normal():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 28, 28, generator=g, dtype=torch.float64)
+    mean = torch.rand(4, 1, 28, 28, generator=g, dtype=torch.float64)
+    log_sigma = torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64) - 2
+    expected = Normal(mean, torch.exp(log_sigma)).log_prob(x)
+    torch.testing.assert_close(vae.gaussian_log_density(x, mean, log_sigma), expected)
+    # the diagonal-Gaussian density used by the IWAE weights
+    z, mu, logvar = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(dim=-1)
+    torch.testing.assert_close(vae.log_normal_diag(z, mu, logvar), expected)
+
+
+@pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", 0.1), ("gaussian", "learned")])
+def test_model_log_likelihood_matches_torch_distributions(likelihood, sigma):
+    torch.manual_seed(2)
+    net = vae.VAE("mlp", latent_dim=3, hidden_dim=16, likelihood=likelihood, sigma=sigma)
+    out = torch.randn(6, 2 if net.learned_sigma else 1, 28, 28) * 3
+    if likelihood == "bernoulli":
+        x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3))
+        expected = Bernoulli(logits=out).log_prob(x).sum(dim=(1, 2, 3))
+    else:
+        x = torch.rand(6, 1, 28, 28)
+        if sigma == "learned":
+            scale = torch.exp(torch.nn.functional.softplus(out[:, 1:] - vae.LOG_SIGMA_MIN) + vae.LOG_SIGMA_MIN)
+        else:
+            scale = torch.full_like(x, sigma)
+        expected = Normal(torch.sigmoid(out[:, :1]), scale).log_prob(x).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(net.log_likelihood(x, out), expected, rtol=1e-5, atol=1e-2)
+
+
+def test_bernoulli_likelihood_is_finite_for_confident_logits():
+    # sigmoid then log would give log(0) here; the logits form must not
+    x = torch.tensor([[[[1.0, 0.0]]]])
+    logits = torch.tensor([[[[-200.0, 200.0]]]])
+    assert torch.allclose(vae.bernoulli_log_likelihood(x, logits), torch.tensor([-400.0]))
+
+
+def test_reparameterized_sample_has_right_mean_and_variance():
+    g = torch.Generator().manual_seed(3)
+    n = 200_000
+    mu = torch.tensor([1.5, -2.0, 0.0])
+    logvar = torch.tensor([0.0, math.log(0.25), math.log(4.0)])
+    z = vae.reparameterize(mu, logvar, torch.randn(n, 3, generator=g))
+    torch.testing.assert_close(z.mean(0), mu, atol=0.02, rtol=0)
+    torch.testing.assert_close(z.var(0), torch.exp(logvar), atol=0, rtol=0.02)
+    # gradients reach the encoder's outputs through the sample
+    mu_ = mu.clone().requires_grad_()
+    vae.reparameterize(mu_, logvar, torch.randn(10, 3, generator=g)).sum().backward()
+    assert torch.equal(mu_.grad, torch.full((3,), 10.0))
+
+
+def test_bits_per_dim_dequantized_of_the_uniform_density():
+    # The uniform density on [0, 1]^784 gives every 8-bit image probability 256^-784:
+    # -log p(x) = 0 nats must become exactly 8 bits/dim.
+    assert vae.bits_per_dim_dequantized(0.0) == pytest.approx(8.0)
+    # a density twice as high per pixel is one bit per dim better
+    assert vae.bits_per_dim_dequantized(-784 * math.log(2)) == pytest.approx(7.0)
+
+
+# ---------------------------------------------------------------------------------------
+# IWAE against the exact marginal of probabilistic PCA
+# ---------------------------------------------------------------------------------------
+# p(z) = N(0, I_L), p(x | z) = N(W z + b, s^2 I_D)  =>  p(x) = N(b, W W^T + s^2 I_D)  (exact).
+# The exact posterior is N(M^-1 W^T (x - b), s^2 M^-1), M = W^T W + s^2 I; with orthogonal
+# columns in W, M is diagonal, so a diagonal q(z | x) can be exact or deliberately wrong.
+
+def ppca(seed=0, D=6, L=2, s=0.5):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, L, generator=g))
+    W = q * torch.tensor([2.0, 1.2])        # orthogonal columns of different lengths
+    b = torch.randn(D, generator=g)
+    M_diag = (W ** 2).sum(0) + s ** 2
+    x = MultivariateNormal(b, W @ W.T + s ** 2 * torch.eye(D)).sample((64,))
+    true = MultivariateNormal(b, W @ W.T + s ** 2 * torch.eye(D)).log_prob(x)
+
+    def log_lik(x, z):
+        return Normal(z @ W.T + b, s).log_prob(x).sum(-1)
+
+    def posterior(x, shift=0.0, var_scale=1.0):
+        mu = (x - b) @ W / M_diag + shift
+        logvar = torch.log(s ** 2 / M_diag * var_scale).expand_as(mu)
+        return mu, logvar
+
+    return x, true, log_lik, posterior
+
+
+def test_iwae_with_exact_posterior_is_exact_for_any_k_and_chunking():
+    x, true, log_lik, posterior = ppca()
+    g = torch.Generator().manual_seed(0)
+    for k, rows in [(1, 4096), (7, 64), (300, 128)]:  # rows < B * k: several chunks
+        bound = vae.iwae_bound(posterior, log_lik, x, k, rows=rows, generator=g)
+        torch.testing.assert_close(bound, true, atol=1e-4, rtol=1e-5)
+
+
+def test_iwae_approaches_log_px_from_below_as_k_grows():
+    x, true, log_lik, posterior = ppca(seed=1)
+    wrong_q = lambda x: posterior(x, shift=0.4, var_scale=2.5)  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    true_mean = true.mean().item()
+    means = []
+    for k in (1, 10, 100, 2000):
+        reps = 20 if k < 2000 else 2  # average enough draws that the trend is not noise
+        means.append(torch.stack([vae.iwae_bound(wrong_q, log_lik, x, k, rows=4096, generator=g)
+                                  for _ in range(reps)]).mean().item())
+    gaps = [true_mean - m for m in means]
+    assert gaps[0] > 0.3, gaps                          # a wrong q: the ELBO is visibly loose
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps  # tighter with every K
+    assert gaps[-1] > -0.01, gaps                       # still a lower bound
+    assert gaps[-1] < 0.05 * gaps[0], gaps              # and nearly exact at K = 2000
+
+
+# ---------------------------------------------------------------------------------------
+# Networks and training
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", 0.2), ("gaussian", "learned")])
+def test_shapes(arch, likelihood, sigma):
+    cfg = dict(arch=arch, latent_dim=5, hidden_dim=32, channels=4, likelihood=likelihood, sigma=sigma)
+    net = vae.build_model(cfg)
+    x = torch.rand(3, 1, 28, 28)
+    mu, logvar = net.encode(x)
+    assert mu.shape == logvar.shape == (3, 5)
+    out = net.decode(mu)
+    assert out.shape == (3, 2 if sigma == "learned" and likelihood == "gaussian" else 1, 28, 28)
+    assert net.log_likelihood(x, out).shape == (3,)
+    m = net.mean(out)
+    assert m.shape == (3, 1, 28, 28) and 0 <= m.min() and m.max() <= 1
+    encode, decode = vae.make_model_fns(net, torch.device("cpu"), amp=False)
+    recon, kl = vae.elbo_terms(encode, decode, net.log_likelihood, x)
+    assert recon.shape == kl.shape == (3,) and (kl >= 0).all()
+
+
+def test_data_scaling():
+    k = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    xb = vae.to_model_data(k.expand(1000, 1, 2), "bernoulli", True, g)
+    assert set(xb.unique().tolist()) <= {0.0, 1.0} and xb[:, 0, 0, 0].sum() == 0 and xb[:, 0, 0, 1].sum() == 1000
+    assert torch.equal(vae.to_model_data(k, "bernoulli", False), torch.tensor([[[[0.0, 1.0]]]]))
+    xg = vae.to_model_data(k.expand(1000, 1, 2), "gaussian", False, g)
+    assert 0 <= xg[..., 0].min() and xg[..., 0].max() < 1 / 256          # bin of level 0
+    assert 255 / 256 <= xg[..., 1].min() and xg[..., 1].max() < 1        # bin of level 255
+
+
+@pytest.mark.parametrize("arch,likelihood", [("mlp", "bernoulli"), ("cnn", "gaussian")])
+def test_a_few_steps_lower_the_loss(fake_mnist, arch, likelihood):
+    torch.manual_seed(0)
+    images, _ = vae.load_mnist(fake_mnist, train=True, device=torch.device("cpu"))
+    net = vae.VAE(arch, latent_dim=8, hidden_dim=64, channels=8, likelihood=likelihood, sigma="learned")
+    encode, decode = vae.make_model_fns(net, torch.device("cpu"), amp=False)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    x_eval = vae.to_model_data(images[:64], likelihood, True, g)
+    eps_eval = torch.randn(64, 8, generator=g)
+
+    def held_loss():
+        with torch.no_grad():
+            return vae.vae_loss(*vae.elbo_terms(encode, decode, net.log_likelihood, x_eval, eps_eval), 1.0).item()
+
+    before = held_loss()
+    for i in range(40):
+        x = vae.to_model_data(images[(i % 4) * 64:(i % 4 + 1) * 64], likelihood, True)
+        loss = vae.vae_loss(*vae.elbo_terms(encode, decode, net.log_likelihood, x), 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = held_loss()
+    assert after < before - 0.1 * abs(before), (before, after)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+TINY = ["--hidden-dim", "32", "--latent-dim", "2", "--batch-size", "32", "--iw-samples", "20",
+        "--iw-images", "8", "--num-samples", "16", "--log-every", "2"]
+
+
+def test_cli_train_resume_eval(fake_mnist, run_script, tmp_path, capsys):
+    out = tmp_path / "run"
+    r = run_script("vae.py", "--data-dir", fake_mnist, "--out-dir", out, "--epochs", "2",
+                   "--max-steps", "3", *TINY)
+    assert r.returncode == 0, r.stderr
+    for name in ("ckpt.pt", "metrics.json", "samples_epoch_000.png", "reconstructions.png",
+                 "interpolation.png", "manifold.png", "latent_space.png"):
+        assert (out / name).is_file(), name
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "vae" and ckpt["step"] == 3 and ckpt["ema"] is None
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    net = vae.build_model(ckpt["config"])
+    net.load_state_dict(ckpt["model"])  # build_model rebuilds exactly what was saved
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["step"] == 3 and m["test_iwae_k"] == 20 and math.isfinite(m["test_iwae_nll"])
+    assert m["test_neg_elbo"] == pytest.approx(m["test_recon"] + m["test_kl"])
+
+    # resume (in-process through main(), the same code path, to save a second interpreter start):
+    # continues at step 3 to the end of epoch 2 (256 images // 32 = 8 steps/epoch)
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--epochs", "2", "--resume", *TINY])
+    assert "resumed" in (log := capsys.readouterr().out) and "at step 3 (epoch 0)" in log
+    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 16
+    assert (out / "samples_epoch_002.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["step"] == 16
+
+    # standalone evaluation of the checkpoint
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--eval-only", "--iw-samples", "10", "--iw-images", "4"])
+    e = json.loads((out / "eval.json").read_text())
+    assert e["step"] == 16 and e["test_iwae_k"] == 10 and (out / "eval_reconstructions.png").is_file()
+
+
+def one_error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vae.py: error:"), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--arch", "transformer"], "invalid choice"),
+    (["--likelihood", "poisson"], "invalid choice"),
+    (["--latent-dim", "0"], "positive integer"),
+    (["--likelihood", "gaussian", "--sigma", "-1"], "'learned' or a positive number"),
+    (["--sigma", "0.1"], "--sigma applies to --likelihood gaussian"),
+    (["--likelihood", "gaussian", "--no-binarize"], "apply to --likelihood bernoulli"),
+    (["--lr", "nan"], "positive number"),
+])
+def test_bad_arguments_give_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args(argv)
+    assert e.value.code == 2
+    assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_foreign_checkpoint_is_refused_and_good_one_kept(fake_mnist, run_script, tmp_path, capsys):
+    # a ddpm checkpoint: a subprocess, for the real exit code and stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"kind": "ddpm", "version": 1}, foreign / "ckpt.pt")
+    r = run_script("vae.py", "--data-dir", fake_mnist, "--out-dir", foreign, "--resume")
+    assert r.returncode == 2
+    assert "not a vae checkpoint" in one_error_line(r.stderr)
+
+    # garbage bytes
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "ckpt.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(garbage), "--resume"])
+    assert e.value.code == 2 and "not a readable checkpoint" in one_error_line(capsys.readouterr().err)
+    assert (garbage / "ckpt.pt").read_bytes() == b"\x00not a checkpoint" * 10
+
+    # a good checkpoint is never overwritten by a new run without --resume
+    good = tmp_path / "good"
+    good.mkdir()
+    state = {"kind": "vae", "version": vae.CKPT_VERSION, "step": 7}
+    torch.save(state, good / "ckpt.pt")
+    before = (good / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(good)])
+    assert e.value.code == 2 and "--resume" in one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(good), "--resume", "--arch", "rnn"])
+    capsys.readouterr()
+    assert (good / "ckpt.pt").read_bytes() == before
+    # a checkpoint from a newer vae.py
+    torch.save({"kind": "vae", "version": vae.CKPT_VERSION + 1}, foreign / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(foreign), "--eval-only"])
+    assert "newer" in one_error_line(capsys.readouterr().err)

@@ -1,0 +1,921 @@
+"""
+vae.py: the Variational Autoencoder (Kingma & Welling 2014) on MNIST, from scratch, in one file.
+
+A VAE is a latent-variable model  p(x, z) = p(z) p(x | z),  p(z) = N(0, I),  with a decoder
+network for p(x | z). Its marginal likelihood log p(x) = log E_{p(z)} p(x | z) has no closed
+form, so an encoder network q(z | x) = N(mu(x), diag sigma^2(x)) is trained alongside it to
+maximise the evidence lower bound (ELBO, Kingma & Welling eq. 3):
+
+    log p(x) >= ELBO(x) = E_{q(z|x)} [ log p(x | z) ]  -  KL( q(z | x) || p(z) )
+                          `--- reconstruction ---'      `--- closed form, eq. 10 ---'
+
+The expectation is estimated with one sample z = mu + sigma * eps, eps ~ N(0, I) (the
+reparameterisation trick, eq. 4), which makes it differentiable in the encoder's outputs.
+After training, the importance-weighted bound (IWAE, Burda et al. 2016) with K samples,
+
+    log p(x) >= log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),   z_k ~ q(z | x),
+
+tightens towards log p(x) as K grows and gives the held-out negative log-likelihood estimate.
+
+Two likelihoods p(x | z), each a real probability model of its data:
+  bernoulli  for binary pixels: dynamically binarized MNIST (x ~ Bernoulli(pixel) each time a
+             digit is seen), the setting of published MNIST NLLs. The decoder outputs logits.
+  gaussian   for continuous pixels: uniformly dequantized 8-bit MNIST, x = (k + u)/256,
+             u ~ U[0, 1), with N(mean, sigma^2) per pixel, sigma fixed (--sigma 0.1) or learned
+             per pixel by the decoder (--sigma learned). Its density bound converts exactly to
+             bits/dim on the 8-bit scale, the unit of ddpm.py's bound.
+
+Run:
+    python vae.py --data-dir ../shared/mnist --epochs 30                        # MLP, Bernoulli
+    python vae.py --arch cnn --likelihood gaussian --out-dir out/vae_cnn_gauss   # CNN, Gaussian
+    python vae.py --latent-dim 2 --out-dir out/vae_2d                           # + the 2-D manifold
+    python vae.py --eval-only --iw-samples 5000                                 # evaluate out/vae/ckpt.pt
+
+Writes to --out-dir (default out/vae): ckpt.pt (weights, optimizer, step, RNG),
+samples_epoch_NNN.png (prior samples), reconstructions.png (inputs over outputs),
+interpolation.png, with --latent-dim 2 manifold.png and latent_space.png, and metrics.json
+(config, losses, held-out negative ELBO and IWAE NLL in nats, bits/dim, speed).
+
+Reading order: networks -> likelihoods -> KL and reparameterisation -> ELBO -> IWAE ->
+bits/dim -> data / checkpoint helpers -> training loop -> pictures -> main().
+All nats and bits are per image unless a name says per dim; log is the natural log.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.utils import save_image
+
+CKPT_VERSION = 1
+PROG = "vae.py"
+D = 28 * 28  # pixels per image: the "dim" of bits/dim
+
+
+def fail(message):
+    """Stop with one clear line on stderr (bad input is not a traceback)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Networks: encoder x -> (mu, log sigma^2) of q(z | x), decoder z -> parameters of p(x | z)
+# ---------------------------------------------------------------------------------------
+# Both architectures have the same interface, so everything below them is shared:
+#   encoder: (B, 1, 28, 28) -> (B, 2 * latent_dim)       [mu | log sigma^2], split by VAE.encode
+#   decoder: (B, latent_dim) -> (B, out_channels, 28, 28) per-pixel distribution parameters
+# The encoder predicts log sigma^2 rather than sigma: it is unconstrained, and exp() keeps
+# the variance positive.
+
+class MLPEncoder(nn.Module):
+    """784 -> hidden -> 2L with one ReLU hidden layer (the MNIST model of Kingma & Welling,
+    appendix C, with ReLU for tanh). mu and log sigma^2 come out of one Linear: one matmul."""
+
+    def __init__(self, latent_dim, hidden_dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(D, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, 2 * latent_dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """L -> hidden -> out_channels * 784, reshaped to images."""
+
+    def __init__(self, latent_dim, hidden_dim, out_channels):
+        super().__init__()
+        self.out_channels = out_channels
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, out_channels * D))
+
+    def forward(self, z):
+        return self.net(z).view(-1, self.out_channels, 28, 28)
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions halve the resolution twice, then one Linear:
+    (B,1,28,28) -> (B,c,14,14) -> (B,2c,7,7) -> (B, 2L).
+    A 4x4 kernel with stride 2 and padding 1 maps n to exactly n/2 for even n."""
+
+    def __init__(self, latent_dim, channels):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c, 4, stride=2, padding=1), nn.ReLU(),        # 28 -> 14
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.ReLU(),    # 14 -> 7
+            nn.Flatten(), nn.Linear(2 * c * 7 * 7, 2 * latent_dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """The mirror image: Linear to (2c,7,7), then two stride-2 transposed convolutions:
+    (B, L) -> (B,2c,7,7) -> (B,c,14,14) -> (B,out_channels,28,28).
+    A transposed conv with kernel 4, stride 2, padding 1 gives (n - 1)*2 - 2 + 4 = 2n: exactly
+    28 from 7, with no cropping and no output_padding."""
+
+    def __init__(self, latent_dim, channels, out_channels):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 2 * c * 7 * 7), nn.ReLU(),
+            nn.Unflatten(1, (2 * c, 7, 7)),
+            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),   # 7 -> 14
+            nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1))     # 14 -> 28
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VAE(nn.Module):
+    """Encoder + decoder + what the decoder's output means (the likelihood).
+
+    Decoder output channels:
+      bernoulli:              1, the logits of p(pixel = 1 | z)
+      gaussian, fixed sigma:  1, the logits of the mean (mean = sigmoid(.), in (0, 1) like the data)
+      gaussian, learned:      2, mean logits and an unconstrained log-sigma per pixel
+    """
+
+    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, channels=32,
+                 likelihood="bernoulli", sigma="learned"):
+        super().__init__()
+        if arch not in ("mlp", "cnn"):
+            raise ValueError(f"unknown arch {arch!r}: use 'mlp' or 'cnn'")
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"unknown likelihood {likelihood!r}: use 'bernoulli' or 'gaussian'")
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.learned_sigma = likelihood == "gaussian" and sigma == "learned"
+        # A fixed sigma is a constant of the model, not a weight: it lives in the config.
+        self.fixed_sigma = None if (likelihood == "bernoulli" or self.learned_sigma) else float(sigma)
+        out_channels = 2 if self.learned_sigma else 1
+        if arch == "mlp":
+            self.encoder = MLPEncoder(latent_dim, hidden_dim)
+            self.decoder = MLPDecoder(latent_dim, hidden_dim, out_channels)
+        else:
+            self.encoder = ConvEncoder(latent_dim, channels)
+            self.decoder = ConvDecoder(latent_dim, channels, out_channels)
+
+    def encode(self, x):
+        """(B,1,28,28) -> mu, logvar, each (B, L)."""
+        return self.encoder(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        """(B, L) -> raw decoder output (B, out_channels, 28, 28); see log_likelihood / mean."""
+        return self.decoder(z)
+
+    def log_likelihood(self, x, out):
+        """log p(x | z) summed over the 784 pixels: (B,1,28,28), (B,C,28,28) -> (B,)."""
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_likelihood(x, out)
+        mean, log_sigma = self.gaussian_params(out)
+        return gaussian_log_density(x, mean, log_sigma).sum(dim=(1, 2, 3))
+
+    def gaussian_params(self, out):
+        """Mean and log sigma of the Gaussian decoder, each (B,1,28,28)."""
+        mean = torch.sigmoid(out[:, :1])
+        if self.learned_sigma:
+            # Soft floor at log sigma = LOG_SIGMA_MIN: softplus(r - m) + m ~ r above it, -> m
+            # below it. A pure guard against a runaway division: the dequantization noise
+            # alone (std 1/256/sqrt(12) = 0.0011, log -6.8) keeps useful sigmas above it.
+            log_sigma = F.softplus(out[:, 1:] - LOG_SIGMA_MIN) + LOG_SIGMA_MIN
+        else:
+            log_sigma = torch.full_like(mean, math.log(self.fixed_sigma))
+        return mean, log_sigma
+
+    def mean(self, out):
+        """The decoder's mean E[x | z] in [0, 1], the picture to show: for Bernoulli the
+        probabilities sigmoid(logits), never binary draws."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(out)
+        return self.gaussian_params(out)[0]
+
+
+LOG_SIGMA_MIN = -8.0
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Likelihoods p(x | z)
+# ---------------------------------------------------------------------------------------
+
+def bernoulli_log_likelihood(x, logits):
+    """log p(x | z) = sum_i x_i log p_i + (1 - x_i) log(1 - p_i),  p_i = sigmoid(logits_i).
+
+    binary_cross_entropy_with_logits is exactly -[...] per pixel, computed from the logits with
+    log-sum-exp (log sigmoid(l) = -softplus(-l)), so it never takes log(0). Sigmoid followed
+    by BCE would, for a confident pixel, round p to 1.0 in fp32 and return log(0) = -inf
+    (PyTorch then clamps it to -100: a silently wrong gradient).
+    A likelihood of binary x only: for grey-scale x it is a cross-entropy, not a log-probability."""
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=(1, 2, 3))
+
+
+def gaussian_log_density(x, mean, log_sigma):
+    """log N(x; mean, sigma^2) per element, with the normalising constant:
+
+        log N(x; mu, sigma^2) = -1/2 log(2 pi) - log sigma - (x - mu)^2 / (2 sigma^2)
+
+    Without -log sigma and -1/2 log(2 pi) this is a scaled squared error, not a log-density:
+    summed MSE is not a negative log-likelihood and its value depends on the arbitrary scale."""
+    return -0.5 * math.log(2 * math.pi) - log_sigma - 0.5 * ((x - mean) * torch.exp(-log_sigma)) ** 2
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The approximate posterior q(z | x): reparameterised sample and KL to the prior
+# ---------------------------------------------------------------------------------------
+
+def reparameterize(mu, logvar, eps):
+    """z = mu + sigma * eps, eps ~ N(0, I)  (Kingma & Welling eq. 4 / sec. 2.4).
+
+    z ~ N(mu, sigma^2) as required, but the randomness is in eps, which does not depend on the
+    encoder, so dz/dmu = 1 and dz/dsigma = eps: gradients flow through the sample."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_to_standard_normal(mu, logvar):
+    """KL(N(mu, diag sigma^2) || N(0, I)) in nats, summed over the L latent dims: (B, L) -> (B,)
+
+        -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)   (Kingma & Welling, appendix B)
+
+    Exact, so the KL term of the ELBO needs no sampling."""
+    return -0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar)).sum(dim=1)
+
+
+def log_normal_diag(z, mu, logvar):
+    """log N(z; mu, diag e^logvar) summed over the last dim: the densities log q(z|x), log p(z)
+    that the IWAE weights need (B..., L) -> (B...)."""
+    return (-0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 * torch.exp(-logvar))).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The ELBO (training objective) and the IWAE bound (evaluation)
+# ---------------------------------------------------------------------------------------
+
+def elbo_terms(encode, decode, log_lik, x, eps=None):
+    """One-sample estimate of the two ELBO terms per image: (B,) reconstruction, (B,) KL.
+
+        recon = -log p(x | z),  z = mu + sigma eps      (a Monte Carlo estimate, eq. 4)
+        kl    = KL(q(z | x) || p(z))                    (exact, eq. 10)
+        negative ELBO = recon + kl  >=  -log p(x)
+
+    encode(x) -> mu, logvar (fp32); decode(z) -> decoder output (fp32); log_lik(x, out) -> (B,).
+    The networks may run in bf16 (autocast); this arithmetic is done in fp32."""
+    mu, logvar = encode(x)
+    if eps is None:
+        eps = torch.randn_like(mu)
+    z = reparameterize(mu, logvar, eps)
+    recon = -log_lik(x, decode(z))
+    return recon, kl_to_standard_normal(mu, logvar)
+
+
+def vae_loss(recon, kl, beta):
+    """The training loss: mean over the batch of recon + beta * KL, in nats per image.
+
+    beta = 1 is the negative ELBO. beta > 1 (Higgins et al. 2017, beta-VAE) weighs the prior
+    more, trading reconstructions for a smoother, more factorised latent space; for beta != 1
+    the loss is no longer a bound on -log p(x), so evaluation always reports beta = 1."""
+    return (recon + beta * kl).mean()
+
+
+@torch.no_grad()
+def iwae_bound(encode, log_lik, x, k, rows=4096, generator=None):
+    """The K-sample importance-weighted bound per image (Burda et al. 2016, eq. 8): (B,) nats.
+
+        L_K(x) = log (1/K) sum_{k=1}^K w_k,   w_k = p(x | z_k) p(z_k) / q(z_k | x),  z_k ~ q(z | x)
+               = logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K
+
+    E[L_1] is the ELBO, E[L_K] <= E[L_{K+1}] <= log p(x), and L_K -> log p(x) as K -> infinity
+    (Burda et al. theorem 1), so -L_K with K in the thousands is the usual NLL estimate.
+
+    Memory stays flat in K: the samples are drawn in chunks of about `rows` decoder inputs,
+    each chunk is reduced to its own logsumexp (B,), and the chunk results are combined with
+    one more logsumexp (logsumexp is associative over a partition of the k's).
+    encode(x) -> mu, logvar; log_lik(x, z) -> log p(x | z) for z (B, L) -> (B,)."""
+    B = x.shape[0]
+    mu, logvar = encode(x)                                        # (B, L): the encoder runs once
+    chunk = max(1, rows // B)
+    zeros = torch.zeros_like(mu)
+    partial = []
+    for start in range(0, k, chunk):
+        c = min(chunk, k - start)
+        eps = torch.randn((c,) + mu.shape, device=x.device, generator=generator)  # (c, B, L)
+        z = reparameterize(mu, logvar, eps)                          # broadcast over the c samples
+        x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * B, *x.shape[1:])
+        log_px = log_lik(x_rep, z.reshape(c * B, -1)).view(c, B)    # log p(x | z_k)
+        log_pz = log_normal_diag(z, zeros, zeros)                    # log p(z_k), N(0, I)
+        log_qz = log_normal_diag(z, mu, logvar)                      # log q(z_k | x)
+        partial.append(torch.logsumexp(log_px + log_pz - log_qz, dim=0))  # (B,)
+    return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Bits per dimension on the 8-bit scale (Gaussian likelihood)
+# ---------------------------------------------------------------------------------------
+# The Gaussian decoder is a density, and a density's value depends on the scale of the data:
+# the same model on x/2 has log-density larger by D log 2. A scale-free number needs the
+# discrete data the density stands for. Here: uniform dequantization (Theis et al. 2016,
+# "A note on the evaluation of generative models", sec. 3.1). Pixel level k in {0..255} becomes
+# x = (k + u)/256 with u ~ U[0, 1), so each level owns the bin [k/256, (k+1)/256) of width
+# 1/256, and for any density p on [0, 1]^D, by Jensen's inequality,
+#
+#     log P(k) = log int_bin p(x) dx = log E_u[p((k + u)/256)] - D log 256
+#              >= E_u[log p(x)] - D log 256.
+#
+# So  -log2 P(k) / D  <=  (-log p(x) + D log 256) / (D log 2)  =  -log p(x) / (D log 2) + 8,
+# in bits per 8-bit pixel, whatever continuous scale x uses (the D log 256 is the log of the
+# Jacobian from [0, 1] to the 8-bit scale [0, 256)). Any upper bound on -log p(x) (the negative
+# ELBO, the IWAE NLL) stays an upper bound. ddpm.py's bound is on the same quantity (a
+# discretized decoder on the 256 levels of [-1, 1]), so the two are directly comparable.
+
+def bits_per_dim_dequantized(nll_nats):
+    """Upper bound on the 8-bit discrete NLL in bits/dim from -log p(x) in nats of the
+    density of dequantized x = (k + u)/256 in [0, 1]^784 (see above)."""
+    return (nll_nats + D * math.log(256)) / (D * math.log(2))
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Model, device, data, checkpoint: small helpers, the same shape in every script
+# ---------------------------------------------------------------------------------------
+
+MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize")
+
+
+def build_model(config):
+    """The VAE described by a config dict (the argparse namespace, or a checkpoint's)."""
+    return VAE(arch=config["arch"], latent_dim=config["latent_dim"], hidden_dim=config["hidden_dim"],
+               channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"])
+
+
+def make_model_fns(net, device, amp, compile=False):
+    """encode(x) -> (mu, logvar) and decode(z) -> output, with the networks in bf16 autocast
+    (if amp) and their outputs back in float32, so that the sampling of z, the likelihood,
+    the KL and the bounds stay fp32. With compile, each network is torch.compile'd on its own
+    (the fp32 math between them is a few elementwise ops)."""
+    enc = torch.compile(net.encoder) if compile else net.encoder
+    dec = torch.compile(net.decoder) if compile else net.decoder
+
+    def encode(x):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            h = enc(x)
+        mu, logvar = h.float().chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(z):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            return dec(z).float()
+
+    return encode, decode
+
+
+def get_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked, but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked, but MPS is not available")
+    return torch.device(name)
+
+
+def load_mnist(data_dir, train, device):
+    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        raw = os.path.join(data_dir, "MNIST", "raw")
+        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
+             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in {raw}/ "
+             f"or point --data-dir at a folder that has them (e.g. --data-dir ../shared/mnist)")
+    return ds.data.to(device), ds.targets.to(device)
+
+
+def to_model_data(images_u8, likelihood, binarize, generator=None):
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], the data each likelihood models.
+
+    bernoulli, binarize:  x ~ Bernoulli(k / 255), a fresh draw each call (dynamic binarization,
+                          as in Burda et al. 2016: the model never sees the same binary digit twice)
+    bernoulli, no binarize: x = k / 255 (grey levels: trains, but the nats are not a likelihood)
+    gaussian:             x = (k + u) / 256, u ~ U[0, 1) fresh each call (uniform dequantization, sec. 5)
+    """
+    k = images_u8.unsqueeze(1).float()
+    if likelihood == "gaussian":
+        return (k + torch.rand(k.shape, device=k.device, generator=generator)) / 256
+    x = k / 255
+    if binarize:
+        x = torch.bernoulli(x, generator=generator)
+    return x
+
+
+def epoch_permutation(n, seed, epoch, device):
+    """The order of the training images in one epoch. Drawn from its own generator seeded by
+    (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def save_checkpoint(state, path):
+    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint as data (weights_only=True: no code runs) and check it is ours."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"{path} is not a {kind} checkpoint (kind: {found!r})")
+    if ckpt.get("version", 0) > CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    return ckpt
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def describe(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return device.type
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Evaluation on the held-out test split
+# ---------------------------------------------------------------------------------------
+
+def eval_data(test_x, args, device):
+    """The test digits as the likelihood's data, drawn once with a fixed generator, so the
+    ELBO and the IWAE bound score the very same binary / dequantized images every time."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    return to_model_data(test_x, args.likelihood, args.binarize, generator=gen)
+
+
+@torch.no_grad()
+def evaluate(net, encode, decode, test_data, args, device):
+    """Held-out metrics in nats per image (beta = 1: the bound, whatever beta trained):
+    negative ELBO = reconstruction + KL over the whole test split, and the IWAE NLL estimate
+    -L_K on the first --iw-images digits with K = --iw-samples. Gaussian: also bits/dim."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+    batch = max(args.batch_size, 256)
+    log_lik = net.log_likelihood
+    recon, kl = [], []
+    for i in range(0, len(test_data), batch):
+        x = test_data[i:i + batch]
+        eps = torch.randn((x.shape[0], net.latent_dim), device=device, generator=gen)
+        r, k = elbo_terms(encode, decode, log_lik, x, eps)
+        recon.append(r)
+        kl.append(k)
+    recon, kl = torch.cat(recon), torch.cat(kl)
+    neg_elbo = recon + kl
+    # The mean is the number that bounds the NLL of the test set. The median is also kept: a
+    # learned per-pixel sigma can be overconfident on a few test digits (ink where the training
+    # digits never had any), whose huge per-image cost then dominates the mean.
+    m = {"test_neg_elbo": neg_elbo.mean().item(), "test_recon": recon.mean().item(), "test_kl": kl.mean().item(),
+         "test_neg_elbo_median": neg_elbo.median().item(), "test_images": len(test_data)}
+    gaussian = args.likelihood == "gaussian"
+    if gaussian:
+        m["test_bpd"] = bits_per_dim_dequantized(m["test_neg_elbo"])
+    m["data"] = ("dynamically binarized MNIST (test binarized once, fixed seed)" if args.likelihood == "bernoulli"
+                 and args.binarize else "uniformly dequantized MNIST x = (k + u)/256 in [0, 1] (test: fixed u)"
+                 if gaussian else "grey-level MNIST with a Bernoulli decoder: nats are a cross-entropy, not a NLL")
+
+    n = min(args.iw_images, len(test_data))
+    if args.iw_samples > 0 and n > 0:
+        K = args.iw_samples
+        log(f"IWAE: {n} test images x K = {K} samples = {n * K:,} decoder calls "
+            f"(--iw-images, --iw-samples set how many)")
+        t0 = time.perf_counter()
+        log_lik_z = lambda x, z: log_lik(x, decode(z))  # noqa: E731  log p(x | z) from z
+        group = 16  # images per IWAE call; each call draws K samples in chunks of ~4096 rows
+        bounds = torch.cat([iwae_bound(encode, log_lik_z, test_data[i:min(i + group, n)], K, generator=gen)
+                            for i in range(0, n, group)])
+        m.update({"test_iwae_nll": -bounds.mean().item(), "test_iwae_k": K, "test_iwae_images": n,
+                  "test_neg_elbo_iwae_images": neg_elbo[:n].mean().item()})
+        if gaussian:
+            m["test_iwae_bpd"] = bits_per_dim_dequantized(m["test_iwae_nll"])
+        log(f"IWAE: {m['test_iwae_nll']:.2f} nats (negative ELBO on the same {n} images "
+            f"{m['test_neg_elbo_iwae_images']:.2f}) in {time.perf_counter() - t0:.1f}s")
+    return m
+
+
+def summary(m):
+    """One line of the held-out numbers."""
+    s = (f"test -ELBO {m['test_neg_elbo']:.2f} nats (recon {m['test_recon']:.2f} + KL {m['test_kl']:.2f}, "
+         f"median {m['test_neg_elbo_median']:.2f})")
+    if "test_iwae_nll" in m:
+        s += f" | IWAE NLL {m['test_iwae_nll']:.2f} nats (K={m['test_iwae_k']}, {m['test_iwae_images']} images)"
+    if "test_bpd" in m:
+        s += f" | {m['test_bpd']:.3f} bits/dim (ELBO)"
+    if "test_iwae_bpd" in m:
+        s += f", {m['test_iwae_bpd']:.3f} (IWAE)"
+    return s
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Pictures
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def save_samples(net, decode, n, seed, latent_dim, device, path):
+    """Decoder means of n prior samples z ~ N(0, I), the same z every call (a fixed generator),
+    so the grids of successive epochs show the same latent points."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    z = torch.randn((n, latent_dim), device=device, generator=gen)
+    save_image(net.mean(decode(z)).cpu(), path, nrow=int(math.ceil(math.sqrt(n))))
+
+
+@torch.no_grad()
+def save_reconstructions(net, encode, decode, test_data, path, n=16):
+    """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
+    the decoder means at the posterior means z = mu(x)."""
+    x = test_data[:2 * n]
+    mu, _ = encode(x)
+    recon = net.mean(decode(mu))
+    rows = [x[:n], recon[:n], x[n:], recon[n:]]
+    save_image(torch.cat(rows).cpu(), path, nrow=n)
+
+
+@torch.no_grad()
+def save_interpolation(net, encode, decode, test_data, path, pairs=8, steps=10):
+    """Each row walks in a straight line between the posterior means of two test digits,
+    z = (1 - a) mu(x1) + a mu(x2), a = 0 .. 1, and shows the decoder means."""
+    x = test_data[:2 * pairs]
+    mu, _ = encode(x)
+    a = torch.linspace(0, 1, steps, device=x.device).view(1, steps, 1)
+    z = (1 - a) * mu[:pairs, None] + a * mu[pairs:, None]           # (pairs, steps, L)
+    save_image(net.mean(decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
+
+
+@torch.no_grad()
+def save_manifold(net, decode, path, n=20):
+    """The learned 2-D manifold (Kingma & Welling fig. 4): an n x n grid of points evenly
+    spaced on the unit square, mapped through the inverse Gaussian CDF, so each cell covers
+    the same prior mass of N(0, I), and decoded to their means."""
+    q = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
+    v = (math.sqrt(2) * torch.erfinv(2 * q - 1)).float()            # Phi^-1(q)
+    zy, zx = torch.meshgrid(-v, v, indexing="ij")                   # z_2 grows upwards in the picture
+    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
+    device = next(net.parameters()).device
+    save_image(net.mean(decode(z.to(device))).cpu(), path, nrow=n, padding=0)
+
+
+# Ten distinguishable colours (the "tab10" palette), one per digit class 0..9.
+PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
+
+
+@torch.no_grad()
+def save_latent_space(encode, test_data, labels, path, size=280):
+    """Where the test digits land in a 2-D latent space, drawn without a plotting library:
+    each posterior mean mu(x) is a 3x3 dot in its class colour (PALETTE) on a white canvas.
+    The axes are Phi(z) in [0, 1], the coordinates of manifold.png, so both pictures align.
+    A strip of ten swatches under the canvas shows the colours of 0, 1, ..., 9 left to right."""
+    mu, _ = encode(test_data)
+    u = 0.5 * (1 + torch.erf(mu.cpu() / math.sqrt(2)))                # Phi(z) in (0, 1)
+    col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
+    row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
+    canvas = torch.ones(3, size + size // 10, size)
+    for dy in range(3):
+        for dx in range(3):
+            canvas[:, row + dy, col + dx] = PALETTE[labels.cpu()].T
+    for c in range(10):
+        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = PALETTE[c].view(3, 1, 1)
+    save_image(canvas, path)
+
+
+def save_pictures(net, encode, decode, test_data, test_y, args, device, prefix=""):
+    """Everything drawn at the end of a run (or by --eval-only)."""
+    paths = [os.path.join(args.out_dir, prefix + name) for name in ("reconstructions.png", "interpolation.png")]
+    save_reconstructions(net, encode, decode, test_data, paths[0])
+    save_interpolation(net, encode, decode, test_data, paths[1])
+    if args.latent_dim == 2:
+        paths.append(os.path.join(args.out_dir, prefix + "manifold.png"))
+        save_manifold(net, decode, paths[-1])
+        paths.append(os.path.join(args.out_dir, prefix + "latent_space.png"))
+        save_latent_space(encode, test_data, test_y, paths[-1])
+    log("wrote " + ", ".join(paths))
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Training
+# ---------------------------------------------------------------------------------------
+
+def setup(args):
+    """Device, precision, compile and TF32 settings shared by training and evaluation."""
+    device = get_device(args.device)
+    args.compile = (device.type == "cuda") if args.compile is None else args.compile
+    args.amp = (device.type == "cuda") if args.amp is None else args.amp
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def train(args):
+    device = setup(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, "vae")
+        # The model and the data order come from the checkpoint; the flags for run length,
+        # logging, sampling, evaluation and hardware come from this command line.
+        for key, value in ckpt["config"].items():
+            if key in MODEL_KEYS or key in ("seed", "batch_size", "lr", "beta"):
+                setattr(args, key, value)
+    elif os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or --out-dir for a new one")
+
+    torch.manual_seed(args.seed)
+    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
+    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    steps_per_epoch = len(train_x) // args.batch_size  # full batches only: step -> (epoch, batch) is exact
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+
+    net = build_model(vars(args)).to(device)
+    # Adam (Kingma & Ba 2015) at 1e-3, as in the PyTorch example VAE; the fused kernel does the
+    # whole update in one pass over the parameters (CUDA and, since torch 2.4, CPU).
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=device.type in ("cuda", "cpu"))
+    step = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"], device)
+        log(f"resumed {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
+    # Training goes through the (optionally compiled) networks; evaluation and pictures use the
+    # plain modules, whose batch shapes vary (a compiled graph would recompile for each).
+    train_encode, train_decode = make_model_fns(net, device, args.amp, args.compile)
+    encode, decode = make_model_fns(net, device, args.amp)
+
+    n_params = sum(p.numel() for p in net.parameters())
+    sigma = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
+        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
+    log(f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{sigma}, "
+        f"beta {args.beta} | {len(train_x)} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
+
+    # No EMA of the weights here (ckpt "ema" is None): a VAE's samples do not need it, and the
+    # held-out bound is for the weights that were trained.
+    def checkpoint():
+        save_checkpoint({"kind": "vae", "version": CKPT_VERSION, "config": vars(args),
+                         "model": net.state_dict(), "ema": None, "optimizer": opt.state_dict(),
+                         "step": step, "epoch": step // steps_per_epoch, "rng": rng_state(device)}, ckpt_path)
+
+    train_loss = float("nan")
+    t_start = time.perf_counter()
+    t_log, step_log = t_start, step
+    steady_time, steady_images = 0.0, 0  # throughput after the first log interval (compile, warm-up)
+    first_interval = True
+    net.train()
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            perm = epoch_permutation(len(train_x), args.seed, epoch, device)
+            for i in range(step % steps_per_epoch, steps_per_epoch):
+                x = to_model_data(train_x[perm[i * args.batch_size:(i + 1) * args.batch_size]],
+                                  args.likelihood, args.binarize)
+                recon, kl = elbo_terms(train_encode, train_decode, net.log_likelihood, x)
+                loss = vae_loss(recon, kl, args.beta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+
+                if step % args.log_every == 0 or step == total_steps:
+                    # the one host sync, at log time only: loss and its two terms for this batch
+                    train_loss, r, k = torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()]).tolist()
+                    now = time.perf_counter()
+                    speed = (step - step_log) * args.batch_size / (now - t_log)
+                    if not first_interval:
+                        steady_time += now - t_log
+                        steady_images += (step - step_log) * args.batch_size
+                    first_interval = False
+                    eta = (total_steps - step) * args.batch_size / speed
+                    log(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | loss {train_loss:.2f} "
+                        f"(recon {r:.2f} + {args.beta:g} x KL {k:.2f}) | {speed:,.0f} img/s | eta {eta / 60:.1f} min")
+                    t_log, step_log = now, step
+                if step >= total_steps:
+                    break
+            # End of an epoch (or of --max-steps): a grid every --sample-every epochs and at the
+            # end, then the checkpoint, so an interruption loses at most one epoch.
+            done = step // steps_per_epoch
+            last = step >= total_steps
+            if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
+                t0 = time.perf_counter()
+                path = os.path.join(args.out_dir, f"samples_epoch_{done:03d}.png")
+                net.eval()
+                save_samples(net, decode, args.num_samples, args.seed, args.latent_dim, device, path)
+                net.train()
+                log(f"wrote {path}")
+                t_log += time.perf_counter() - t0  # drawing time is not training throughput
+            checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(130)
+
+    wall = time.perf_counter() - t_start
+    images_per_sec = steady_images / steady_time if steady_time > 0 else (step * args.batch_size) / max(wall, 1e-9)
+    net.eval()
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+               "train_loss": train_loss, "train_images_per_sec": images_per_sec,
+               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
+               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
+    test_data = eval_data(test_x, args, device)
+    metrics.update(evaluate(net, encode, decode, test_data, args, device))
+    save_pictures(net, encode, decode, test_data, test_y, args, device)
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(metrics)} "
+        f"| {images_per_sec:,.0f} train img/s ({metrics['seconds_per_epoch']:.2f} s/epoch) "
+        f"| peak memory {metrics['peak_memory_mb']:.0f} MB")
+
+
+def eval_only(args):
+    """Evaluate out-dir/ckpt.pt: held-out negative ELBO, IWAE NLL, bits/dim, and the pictures."""
+    device = setup(args)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, "vae")
+    for key in MODEL_KEYS + ("seed",):
+        setattr(args, key, ckpt["config"][key])
+    net = build_model(ckpt["config"]).to(device).eval()
+    net.load_state_dict(ckpt["model"])
+    encode, decode = make_model_fns(net, device, args.amp)
+    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    log(f"evaluating {ckpt_path} (step {ckpt['step']})")
+    metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
+    test_data = eval_data(test_x, args, device)
+    metrics.update(evaluate(net, encode, decode, test_data, args, device))
+    save_samples(net, decode, args.num_samples, args.seed, args.latent_dim, device,
+                 os.path.join(args.out_dir, "eval_samples.png"))
+    save_pictures(net, encode, decode, test_data, test_y, args, device, prefix="eval_")
+    log(summary(metrics))
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------
+# 10. Command line
+# ---------------------------------------------------------------------------------------
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def sigma_value(text):
+    """--sigma: 'learned', or a fixed positive standard deviation."""
+    if text == "learned":
+        return text
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'learned' or a positive number, got {text!r}")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog=PROG, description="Train or evaluate a VAE on MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
+    g.add_argument("--out-dir", default="out/vae", help="checkpoint, pictures, metrics.json")
+    g.add_argument("--epochs", type=positive_int, default=50)
+    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the encoder and decoder (default: on for CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the networks (default: on for CUDA only)")
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
+    g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between prior-sample grids")
+    g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
+    g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
+    g.add_argument("--iw-samples", type=nonneg_int, default=5000,
+                   help="K of the IWAE bound for the held-out NLL estimate (0 skips it)")
+    g.add_argument("--iw-images", type=nonneg_int, default=1000,
+                   help="test images for the IWAE bound (K decoder calls each; 0 skips it)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="encoder/decoder networks")
+    g.add_argument("--latent-dim", type=positive_int, default=20, help="L, the size of z (2 also draws the manifold)")
+    g.add_argument("--hidden-dim", type=positive_int, default=400, help="MLP hidden layer width")
+    g.add_argument("--channels", type=positive_int, default=32, help="CNN width: c and 2c channels at 14x14 and 7x7")
+    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli", help="p(x | z)")
+    g.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
+                   help="bernoulli: dynamically binarize the data (default on; without it the nats are "
+                        "not a likelihood)")
+    g.add_argument("--sigma", type=sigma_value, default=None,
+                   help="gaussian: fixed decoder std on the [0, 1] scale, or 'learned' (per pixel, by the "
+                        "decoder; the default)")
+    g.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE); 1 is the ELBO")
+    return p
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    parser.error = fail  # argparse's own errors as one line too
+    args = parser.parse_args(argv)
+    # Each likelihood has its own knob; one given to the other would be silently ignored.
+    if args.likelihood == "bernoulli":
+        if args.sigma is not None:
+            fail("--sigma applies to --likelihood gaussian")
+        args.binarize = True if args.binarize is None else args.binarize
+    else:
+        if args.binarize is not None:
+            fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
+        args.binarize = False
+        args.sigma = "learned" if args.sigma is None else args.sigma
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.eval_only:
+        eval_only(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
