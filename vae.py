@@ -810,34 +810,27 @@ def eval_only(args):
 # 10. Command line
 # ---------------------------------------------------------------------------------------
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def number_at_least(convert, minimum, strict=False):
+    """An argparse type: `convert` the text (int or float) and check it is >= minimum (> if
+    strict) and finite, with one clear message either way."""
+    kind = "an integer" if convert is int else "a number"
+    bound = f"{'>' if strict else '>='} {minimum}"
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+positive_int = number_at_least(int, 1)
+nonneg_int = number_at_least(int, 0)
+positive_float = number_at_least(float, 0, strict=True)
 
 
 def sigma_value(text):

@@ -244,11 +244,11 @@ def one_error_line(stderr):
 @pytest.mark.parametrize("argv,words", [
     (["--arch", "transformer"], "invalid choice"),
     (["--likelihood", "poisson"], "invalid choice"),
-    (["--latent-dim", "0"], "positive integer"),
+    (["--latent-dim", "0"], "an integer >= 1"),
     (["--likelihood", "gaussian", "--sigma", "-1"], "'learned' or a positive number"),
     (["--sigma", "0.1"], "--sigma applies to --likelihood gaussian"),
     (["--likelihood", "gaussian", "--no-binarize"], "apply to --likelihood bernoulli"),
-    (["--lr", "nan"], "positive number"),
+    (["--lr", "nan"], "a number > 0"),
 ])
 def test_bad_arguments_give_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
