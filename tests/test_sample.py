@@ -1,0 +1,133 @@
+"""sample.py on tiny checkpoints of each kind, trained on the fake MNIST in fixtures."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+import sample
+import vae
+import vae_no_encoder
+
+TINY_DDPM = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
+             "--batch-size", "32", "--max-steps", "2", "--eval-images", "0", "--num-samples", "4", "--device", "cpu"]
+TINY_VNE = ["--channels", "8", "--batch-size", "32", "--max-steps", "2", "--device", "cpu"]
+TINY_VAE = ["--hidden-dim", "16", "--latent-dim", "3", "--batch-size", "32", "--max-steps", "2",
+            "--iw-samples", "0", "--num-samples", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(fake_mnist, tmp_path_factory):
+    """A tiny trained checkpoint of each kind: {kind: path}."""
+    root = tmp_path_factory.mktemp("ckpts")
+    ddpm.main(["--data-dir", fake_mnist, "--out-dir", str(root / "ddpm"), *TINY_DDPM])
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vae"), *TINY_VAE])
+    vae_no_encoder.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vne"), *TINY_VNE])
+    return {kind: str(root / folder / "ckpt.pt") for kind, folder in
+            (("ddpm", "ddpm"), ("vae", "vae"), ("vae_no_encoder", "vne"))}
+
+
+def run(capsys, *argv):
+    """sample.main in this process: (exit code, stdout, stderr)."""
+    try:
+        sample.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def grid_size(n, nrow, pad=2):
+    """The pixel size torchvision's save_image gives n 28x28 images in rows of nrow."""
+    rows = -(-n // nrow)
+    return nrow * (28 + pad) + pad, rows * (28 + pad) + pad
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "vae", "vae_no_encoder"])
+def test_grid_and_array(kind, checkpoints, tmp_path, capsys):
+    out, arr = tmp_path / "grid.png", tmp_path / "s.npz"
+    code, stdout, err = run(capsys, "--ckpt", checkpoints[kind], "--n", 6, "--nrow", 3, "--out", out,
+                            "--save-array", arr, "--batch-size", 4)
+    assert code == 0, err
+    assert "images/s" in stdout
+    assert Image.open(out).size == grid_size(6, 3)
+    samples = np.load(arr)["samples"]
+    assert samples.shape == (6, 1, 28, 28) and samples.dtype == np.float32
+    assert samples.min() >= 0 and samples.max() <= 1 and np.isfinite(samples).all()
+
+
+@pytest.mark.parametrize("kind,extra", [("ddpm", ["--sampler", "ddim", "--sample-steps", 3]),
+                                        ("ddpm", []), ("vae", []), ("vae_no_encoder", ["--prior", "standard"])])
+def test_same_seed_same_samples(kind, extra, checkpoints, tmp_path, capsys):
+    arrays = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        path = tmp_path / f"{name}.npz"
+        code, _, err = run(capsys, "--ckpt", checkpoints[kind], "--n", 5, "--seed", seed, "--out",
+                           tmp_path / f"{name}.png", "--save-array", path, *extra)
+        assert code == 0, err
+        arrays[name] = np.load(path)["samples"]
+    assert np.array_equal(arrays["a"], arrays["b"])
+    assert not np.array_equal(arrays["a"], arrays["c"])
+
+
+def test_ddpm_trajectory_and_raw_weights(checkpoints, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    code, stdout, err = run(capsys, "--ckpt", checkpoints["ddpm"], "--n", 4, "--out", out, "--sampler", "ddim",
+                            "--sample-steps", 10, "--eta", 0.5, "--trajectory", "--raw-weights")
+    assert code == 0, err
+    assert Image.open(tmp_path / "g_trajectory.png").size == grid_size(80, 10)  # 8 samples x 10 steps
+
+
+def test_vae_interpolation_and_reconstructions(checkpoints, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    code, stdout, err = run(capsys, "--ckpt", checkpoints["vae"], "--n", 4, "--out", out, "--interpolate")
+    assert code == 0 and "random latents" in stdout, err
+    assert Image.open(tmp_path / "g_interpolation.png").size == grid_size(80, 10)
+    code, stdout, err = run(capsys, "--ckpt", checkpoints["vae"], "--n", 4, "--out", out, "--interpolate",
+                            "--reconstruct", "--data-dir", fake_mnist)
+    assert code == 0 and "test digits" in stdout, err
+    assert os.path.exists(tmp_path / "g_reconstructions.png")
+
+
+def test_command_line_in_a_subprocess(run_script, checkpoints, tmp_path):
+    proc = run_script("sample.py", "--ckpt", checkpoints["ddpm"], "--n", "4", "--out", tmp_path / "g.png",
+                      "--sampler", "ddim", "--sample-steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "images/s" in proc.stdout and os.path.exists(tmp_path / "g.png")
+    proc = run_script("sample.py", "--ckpt", tmp_path / "missing.pt")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no checkpoint" in proc.stderr
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"kind": "gan", "config": {}}, foreign)
+    newer = tmp_path / "newer.pt"
+    torch.save({"kind": "ddpm", "version": 99, "config": {}}, newer)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    for path, words in ((tmp_path / "missing.pt", "no checkpoint"), (garbage, "not a readable checkpoint"),
+                        (foreign, "unknown kind 'gan'"), (newer, "newer"), (plain, "not a checkpoint of this project")):
+        code, _, err = run(capsys, "--ckpt", path)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("kind,argv,words", [
+    ("vae", ["--sample-steps", "10"], "--sample-steps applies to ddpm"),
+    ("vae", ["--trajectory"], "--trajectory applies to ddpm"),
+    ("ddpm", ["--interpolate"], "--interpolate applies to vae"),
+    ("ddpm", ["--sample-steps", "5"], "apply to --sampler ddim"),
+    ("ddpm", ["--sampler", "ddim", "--sample-steps", "50"], "more than the model's T"),
+    ("vae", ["--reconstruct"], "needs --data-dir"),
+    ("vae", ["--prior", "fitted"], "--prior applies to vae_no_encoder"),
+    ("vae_no_encoder", ["--eta", "0.5"], "--eta applies to ddpm"),
+    ("vae", ["--n", "0"], "--n"),
+    ("vae", ["--save-array", "x.txt"], ".npz"),
+])
+def test_flags_that_do_not_apply(kind, argv, words, checkpoints, capsys):
+    code, _, err = run(capsys, "--ckpt", checkpoints[kind], *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
