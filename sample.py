@@ -270,7 +270,8 @@ def main(argv=None):
 
     with torch.no_grad():
         samples, speed, seconds = draw_all(draw, args.n, args.batch_size, device)
-    log(f"drew {args.n} samples in {seconds:.2f}s ({speed:,.3g} images/s)")
+    log(f"drew {args.n} samples in {seconds:.2f}s ({speed:,.0f} images/s)" if speed >= 100 else
+        f"drew {args.n} samples in {seconds:.2f}s ({speed:.3g} images/s)")
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
     shown = torch.from_numpy(samples[:GRID_MAX])
