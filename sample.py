@@ -252,12 +252,7 @@ def main(argv=None):
     if args.save_array is not None and not args.save_array.endswith(".npz"):
         fail(f"--save-array writes an .npz file, got {args.save_array!r}")
 
-    device = ddpm.get_device(args.device)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
-    args.amp = (device.type == "cuda") if args.amp is None else args.amp
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = ddpm.setup(args)  # device, compile/amp defaults (on for CUDA only), TF32
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
