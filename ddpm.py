@@ -655,7 +655,7 @@ def train(args):
             epoch = step // steps_per_epoch
             perm = epoch_permutation(len(train_x), args.seed, epoch, device)
             for i in range(step % steps_per_epoch, steps_per_epoch):
-                x0 = to_model_range(train_x[perm[i * args.batch_size:(i + 1) * args.batch_size]])
+                x0 = to_model_range(train_x.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size]))
                 for group in opt.param_groups:  # linear warm-up of the learning rate
                     group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
                 loss_per_image, t = diffusion_loss(train_fn, sched, x0, args.pred)
@@ -691,13 +691,13 @@ def train(args):
             # end, then the checkpoint, so an interruption loses at most one epoch.
             done = step // steps_per_epoch
             last = step >= total_steps
+            t0 = time.perf_counter()
             if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
-                t0 = time.perf_counter()
                 path = os.path.join(args.out_dir, f"samples_epoch_{done:03d}.png")
                 sample_speed = save_grid(ema_fn, sched, args, device, path)
                 log(f"wrote {path} ({args.sampler}, {args.num_samples / sample_speed:.1f}s)")
-                t_log += time.perf_counter() - t0  # sampling time is not training throughput
             checkpoint()
+            t_log += time.perf_counter() - t0  # pictures and checkpoint writes are not training throughput
     except KeyboardInterrupt:
         checkpoint()
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")

@@ -624,7 +624,7 @@ def train(args):
             epoch = step // steps_per_epoch
             perm = epoch_permutation(len(train_x), args.seed, epoch, device)
             for i in range(step % steps_per_epoch, steps_per_epoch):
-                x = to_model_range(train_x[perm[i * args.batch_size:(i + 1) * args.batch_size]])
+                x = to_model_range(train_x.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size]))
                 loss = noise_prediction_loss(model_fn, x, a, args.pred).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -650,8 +650,8 @@ def train(args):
                     break
             done = step // steps_per_epoch
             last = step >= total_steps
+            t0 = time.perf_counter()
             if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
-                t0 = time.perf_counter()
                 model.eval()
                 gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # same z every epoch
                 samples, _ = generate(model_fn, model, 64, args.prior, gen)
@@ -659,8 +659,8 @@ def train(args):
                 save_image(to_image(samples), path, nrow=8)
                 model.train()
                 log(f"wrote {path} ({args.prior} prior)")
-                t_log += time.perf_counter() - t0  # picture time is not training throughput
             checkpoint()
+            t_log += time.perf_counter() - t0  # pictures and checkpoint writes are not training throughput
     except KeyboardInterrupt:
         checkpoint()
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")

@@ -63,6 +63,29 @@ def test_bernoulli_likelihood_is_finite_for_confident_logits():
     assert torch.allclose(vae.bernoulli_log_likelihood(x, logits), torch.tensor([-400.0]))
 
 
+def test_bernoulli_nll_value_and_gradient_match_torch():
+    # The hand-written forward and backward of BernoulliNLL against F.binary_cross_entropy_with_logits
+    # and autograd through it, over the whole range: zero, small, ordinary, saturated logits.
+    torch.manual_seed(4)
+    logits = torch.tensor([0.0, 1e-4, -1e-4, 0.5, -3.0, 7.0, 17.0, -17.0, 30.0, -30.0, 90.0, -90.0])
+    logits = torch.cat([logits, torch.randn(500) * 6]).view(1, 1, 1, -1)
+    for x in (torch.bernoulli(torch.full_like(logits, 0.5)), torch.rand_like(logits)):  # binary and grey
+        ours = logits.clone().requires_grad_()
+        ref = logits.clone().requires_grad_()
+        value = vae.BernoulliNLL.apply(ours, x)
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(ref, x, reduction="none")
+        # equal up to the fp32 rounding of terms of size |l| (x l - l cancels for x near 1)
+        assert ((value - expected).abs() <= 1e-6 * (1 + logits.abs())).all()
+        weights = torch.rand_like(logits)  # an arbitrary upstream gradient
+        (value * weights).sum().backward()
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-7)
+    # and in float64 against finite differences (l = 0 included: sigmoid(0) - x, not a kink)
+    l64 = torch.tensor([0.0, 0.3, -2.0, 5.0], dtype=torch.float64, requires_grad=True)
+    x64 = torch.tensor([1.0, 0.0, 0.7, 1.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda l: vae.BernoulliNLL.apply(l, x64), (l64,))
+
+
 def test_reparameterized_sample_has_right_mean_and_variance():
     g = torch.Generator().manual_seed(3)
     n = 200_000
