@@ -210,21 +210,18 @@ LOG_SIGMA_MIN = -8.0
 # ---------------------------------------------------------------------------------------
 
 class BernoulliNLL(torch.autograd.Function):
-    """-log p(x | l) per pixel for Bernoulli logits l, with its exact gradient written out.
+    """-log p(x | l) per pixel for Bernoulli logits l, with its gradient written out:
 
-    With p = sigmoid(l):  -[x log p + (1 - x) log(1 - p)] = softplus(l) - x l,  and
-        d/dl [softplus(l) - x l] = sigmoid(l) - x          (prediction minus target).
+        -[x log p + (1 - x) log(1 - p)] = softplus(l) - x l,    p = sigmoid(l)
+        d/dl [softplus(l) - x l]        = sigmoid(l) - x         (prediction minus target)
 
-    softplus(l) = log(1 + e^l) is computed as max(l, 0) + log(1 + e^{-|l|}): e^{-|l|} is in
-    (0, 1], so nothing overflows and the log never sees 0. The value is that of
-    F.binary_cross_entropy_with_logits (the tests check it against that function and against
-    torch.distributions), computed this way for CPU speed: that function goes through log1p,
-    and on the AVX-512 CPU of the benchmark log1p's kernel is over 10x slower than log's (it took
-    0.79 of the 0.85 ms of the loss per batch of 128, a sixth of the whole step); and autograd
-    through the elementwise formula would keep five intermediates and run eight backward
-    kernels, where sigmoid(l) - x is two. log(1 + u) in place of log1p(u) is off by at most
-    ~1e-7 nats per pixel (1 + u rounds to 1 below u = 6e-8), no more than the fp32 rounding of
-    the other terms and far below that of a sum of 784 of them; the gradient is exact."""
+    softplus(l) = max(l, 0) + log(1 + e^{-|l|}): e^{-|l|} is in (0, 1], so nothing overflows
+    and the log never sees 0. The value is that of F.binary_cross_entropy_with_logits (tested
+    against it and torch.distributions), written out for CPU speed: that function calls log1p,
+    which on the AVX-512 CPU of the benchmarks is over 10x slower than log (0.8 ms per batch of
+    128), and the closed-form backward is two kernels where autograd through the formula runs
+    eight. log(1 + u) for log1p(u) is off by at most ~1e-7 nats per pixel (1 + u rounds to 1
+    for u < 6e-8), no more than the rounding of the other terms; the gradient is exact."""
 
     @staticmethod
     def forward(ctx, logits, x):
