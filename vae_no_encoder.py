@@ -588,9 +588,12 @@ def train(args):
     model = build_model(vars(args)).to(device)
     # The fitted prior depends only on the training digits and a: computed once, kept as buffers.
     data_mean, data_std = fit_prior(to_model_range(train_x))
-    model.prior_mean.copy_(prior_at(data_mean, data_std, a)[0])
-    model.prior_std.copy_(prior_at(data_mean, data_std, a)[1])
-    opt = torch.optim.AdamW(model.net.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    prior_mean, prior_std = prior_at(data_mean, data_std, a)
+    model.prior_mean.copy_(prior_mean)
+    model.prior_std.copy_(prior_std)
+    # fused: the whole update in one kernel over the parameters (CUDA and, since torch 2.4, CPU)
+    opt = torch.optim.AdamW(model.net.parameters(), lr=args.lr, weight_decay=0.0,
+                            fused=device.type in ("cuda", "cpu"))
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
