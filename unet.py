@@ -87,6 +87,14 @@ def apply_embedding(h, norm, emb_proj, emb, scale_shift):
     return norm(h + e)
 
 
+def embedding_projection(emb_dim, channels, scale_shift):
+    """emb -> per-channel (scale, shift) (2C numbers) or a bias (C), as apply_embedding uses them;
+    None for a block without conditioning."""
+    if emb_dim is None:
+        return None
+    return nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, channels * (2 if scale_shift else 1)))
+
+
 class ResBlock(nn.Module):
     """Residual block: x + conv(drop(act(norm'(conv(act(norm(x))))))), norm' conditioned on emb."""
 
@@ -95,9 +103,7 @@ class ResBlock(nn.Module):
         self.scale_shift = scale_shift
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = None
-        if emb_dim is not None:
-            self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1)))
+        self.emb_proj = embedding_projection(emb_dim, out_ch, scale_shift)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -139,9 +145,7 @@ class ShuffleBlock(nn.Module):
         self.norm1 = group_norm(in_ch)
         self.pw1 = nn.Conv2d(in_ch, out_ch, 1, groups=groups)
         self.dw = nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch)
-        self.emb_proj = None
-        if emb_dim is not None:
-            self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1)))
+        self.emb_proj = embedding_projection(emb_dim, out_ch, scale_shift)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.pw2 = zero_init(nn.Conv2d(out_ch, out_ch, 1, groups=groups))
