@@ -26,12 +26,16 @@ Run:
 Writes to --out-dir (default out/ddpm): ckpt.pt (raw + EMA weights, optimizer, step, RNG),
 samples_epoch_NNN.png (from the EMA weights), metrics.json (config, losses, bits/dim, speed).
 
-Reading order: schedules -> forward process -> posterior -> parameterisations -> loss ->
-samplers -> bits/dim -> EMA -> data / checkpoint helpers -> training loop -> main().
+Reading order: the knobs (make_parser) -> schedules -> forward process and posterior ->
+parameterisations -> loss -> samplers -> bits/dim -> EMA -> train() -> evaluate() -> main(),
+then an appendix of plumbing (command line, device, data, checkpoints, the log) that is the
+same in every script and has nothing to do with diffusion.
 Time indices are 0-based throughout: t in [0, T), x_{T-1} is (almost) pure noise and the
 data x_0 of the papers is called x0 ("x_start"), with x_t at t = 0 the first noisy version.
 """
+
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -42,20 +46,85 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from torchvision.utils import save_image
 
 from unet import UNet
 
-CKPT_VERSION = 1
-PROG = "ddpm.py"
+
+def make_parser():
+    """The knobs: every default of a run, on one screen. `python ddpm.py --help` lists them."""
+    p = argparse.ArgumentParser(description="Train or evaluate a DDPM on MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
+    g.add_argument("--out-dir", default="out/ddpm", help="checkpoint, sample grids, metrics.json")
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--batch-size", type=positive_int, default=256)
+    g.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
+    g.add_argument("--warmup-steps", type=positive_int, default=500, help="linear learning-rate warm-up")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (default: on for CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the network (default: on for CUDA only)")
+    g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
+    g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
+    g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
+    g.add_argument("--eval-images", type=nonneg_int, default=256,
+                   help="test images for the bound in bits/dim (T network calls each; 0 skips it)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["resnet", "shuffle"], default="resnet", help="U-Net block type")
+    g.add_argument("--channels", type=positive_int, default=32, help="width of the first U-Net level")
+    g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
+    g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
+    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="self-attention at the lowest resolution")
+    g.add_argument("--dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
+    g.add_argument("--pred", choices=["eps", "x0", "v"], default="eps", help="what the network predicts")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (all T steps) or DDIM")
+    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
+    return p
 
 
-def fail(message):
-    """Stop with one clear line on stderr (bad input is not a traceback)."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+# The flags that define a trained model: a resumed or evaluated run takes them from its checkpoint.
+MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout", "schedule", "timesteps", "pred")
+
+
+# ---------------------------------------------------------------------------------------
+# 0. The network
+# ---------------------------------------------------------------------------------------
+# unet.py's U-Net: (B, 1, 28, 28) noisy image and (B,) timesteps -> (B, 1, 28, 28) prediction.
+
+def parse_channel_mult(text):
+    try:
+        mult = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        mult = ()
+    if not mult or min(mult) < 1:
+        raise ValueError(f"--channel-mult must be comma-separated positive integers, got {text!r}")
+    return mult
+
+
+def build_model(config):
+    """The U-Net described by a config dict (the argparse namespace, or a checkpoint's)."""
+    return UNet(in_channels=1, out_channels=1, channels=config["channels"],
+                channel_mult=parse_channel_mult(config["channel_mult"]), num_blocks=config["num_blocks"],
+                attention=config["attention"], dropout=config["dropout"], block=config["arch"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,7 +224,7 @@ def q_posterior(sched, x0, x_t, t):
 # determines the other two, so the network can be trained to output any of them. The
 # sampler and the bound always work with (x0_hat, eps_hat).
 
-def predict_x0_eps(sched, x_t, t, out, pred, clip=False):
+def predict_x0_eps(sched, x_t, t, out, parameterization, clip=False):
     """Turn the network output into (x0_hat, eps_hat).
 
     eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)          (Ho eq. 4 solved for x_0)
@@ -164,25 +233,25 @@ def predict_x0_eps(sched, x_t, t, out, pred, clip=False):
     clip: clamp x0_hat to the data range [-1, 1] and re-derive eps_hat from it, so the two
     stay consistent (what the DDPM and DDIM reference samplers do).
     """
-    sa, s1a = at(sched["sqrt_alpha_bar"], t), at(sched["sqrt_one_minus_alpha_bar"], t)
-    if pred == "eps":
+    signal_scale, noise_scale = at(sched["sqrt_alpha_bar"], t), at(sched["sqrt_one_minus_alpha_bar"], t)
+    if parameterization == "eps":
         eps = out
-        x0 = (x_t - s1a * eps) / sa
-    elif pred == "x0":
+        x0 = (x_t - noise_scale * eps) / signal_scale
+    elif parameterization == "x0":
         x0 = out
-        eps = (x_t - sa * x0) / s1a
-    elif pred == "v":
-        x0 = sa * x_t - s1a * out
-        eps = s1a * x_t + sa * out
+        eps = (x_t - signal_scale * x0) / noise_scale
+    elif parameterization == "v":
+        x0 = signal_scale * x_t - noise_scale * out
+        eps = noise_scale * x_t + signal_scale * out
     else:
-        raise ValueError(f"unknown prediction target {pred!r}: use 'eps', 'x0' or 'v'")
+        raise ValueError(f"unknown parameterization {parameterization!r}: use 'eps', 'x0' or 'v'")
     if clip:
         x0 = x0.clamp(-1, 1)
-        eps = (x_t - sa * x0) / s1a
+        eps = (x_t - signal_scale * x0) / noise_scale
     return x0, eps
 
 
-def training_target_and_weight(sched, x0, noise, t, pred):
+def training_target_and_weight(sched, x0, noise, t, parameterization):
     """The regression target for each parameterisation and the weight that makes its MSE
     equal to the eps-MSE of the simple loss (Ho eq. 14), with snr = ab / (1 - ab):
 
@@ -191,20 +260,20 @@ def training_target_and_weight(sched, x0, noise, t, pred):
     So --pred changes what the network outputs, not what is optimised. (The x0 weight is
     about 1e4 at t = 0: predicting x0 there is easy and its errors are magnified.)"""
     ab = at(sched["alpha_bar"], t)
-    if pred == "eps":
+    if parameterization == "eps":
         return noise, torch.ones_like(ab)
-    if pred == "x0":
+    if parameterization == "x0":
         return x0, ab / (1 - ab)
-    if pred == "v":
+    if parameterization == "v":
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0, ab  # snr / (snr + 1) = ab
-    raise ValueError(f"unknown prediction target {pred!r}: use 'eps', 'x0' or 'v'")
+    raise ValueError(f"unknown parameterization {parameterization!r}: use 'eps', 'x0' or 'v'")
 
 
 # ---------------------------------------------------------------------------------------
 # 4. Training loss
 # ---------------------------------------------------------------------------------------
 
-def diffusion_loss(model_fn, sched, x0, pred, generator=None):
+def diffusion_loss(model_fn, sched, x0, parameterization, generator=None):
     """Per-image simple loss and the timesteps drawn.  (B,1,28,28) -> (B,), (B,)
 
     Algorithm 1 of Ho et al.: t ~ Uniform{0..T-1}, eps ~ N(0, I), regress the target at
@@ -214,7 +283,7 @@ def diffusion_loss(model_fn, sched, x0, pred, generator=None):
     t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = q_sample(sched, x0, t, noise)
-    target, weight = training_target_and_weight(sched, x0, noise, t, pred)
+    target, weight = training_target_and_weight(sched, x0, noise, t, parameterization)
     out = model_fn(x_t, t)
     return (weight * (out - target) ** 2).mean(dim=(1, 2, 3)), t
 
@@ -222,42 +291,34 @@ def diffusion_loss(model_fn, sched, x0, pred, generator=None):
 # ---------------------------------------------------------------------------------------
 # 5. Samplers
 # ---------------------------------------------------------------------------------------
+# Both take on_step, a function called with x after every step (sample.py draws trajectories
+# with it); the loops themselves hold only the algorithm.
 
-def p_mean_var(sched, x_t, t, out, pred, clip=True):
-    """The learned reverse step p(x_{t-1} | x_t) = N(mean, var) (Ho eq. 1, 11).
-
-    The mean is the posterior mean with x_0 replaced by the network's estimate:
+def p_mean(sched, x_t, t, out, parameterization):
+    """The mean of the learned reverse step p(x_{t-1} | x_t) = N(mu_theta(x_t, t), beta_tilde_t I)
+    (Ho eq. 1, 11): the posterior mean with x_0 replaced by the network's estimate,
         mu_theta(x_t, t) = coef1 x0_hat + coef2 x_t,
     which, written through eps_hat, is Ho eq. 11: (x_t - beta_t / sqrt(1 - ab_t) eps_hat) / sqrt(alpha_t).
-    The variance is fixed to the posterior's beta_tilde_t (Ho sec. 3.2: beta_t gives about the
-    same samples). Returns mean, var, log var (clipped at t = 0), x0_hat, eps_hat."""
-    x0_hat, eps_hat = predict_x0_eps(sched, x_t, t, out, pred, clip=clip)
-    mean, var, log_var = q_posterior(sched, x0_hat, x_t, t)
-    return mean, var, log_var, x0_hat, eps_hat
-
-
-def keep_at(n_steps, n_keep):
-    """Indices of n_keep sampler steps, evenly spaced, ending at the last (for trajectories)."""
-    if n_keep <= 0:
-        return set()
-    return {int(round(v)) for v in np.linspace(0, n_steps - 1, n_keep)}
+    x0_hat is clipped to [-1, 1]. The variance is not learned: it is fixed to the posterior's
+    beta_tilde_t (sched["post_var"]; Ho sec. 3.2: beta_t gives about the same samples)."""
+    x0_hat, _ = predict_x0_eps(sched, x_t, t, out, parameterization, clip=True)
+    return q_posterior(sched, x0_hat, x_t, t)[0]
 
 
 @torch.no_grad()
-def ddpm_sample(model_fn, sched, shape, pred, device, generator=None, trajectory=0):
+def ddpm_sample(model_fn, sched, shape, parameterization, generator=None, on_step=None):
     """Ancestral sampling, Ho et al. Algorithm 2: x_{T-1} ~ N(0, I), then for t = T-1 .. 0
         x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z ~ N(0, I)  (no noise at the last step).
-    Returns x in [-1, 1] and, if trajectory > 0, a list of that many intermediate x."""
-    T = sched["betas"].shape[0]
+    Returns x in [-1, 1]."""
+    T, device = sched["betas"].shape[0], sched["betas"].device
     x = torch.randn(shape, device=device, generator=generator)
-    kept, keep = [], keep_at(T, trajectory)
-    for i, step in enumerate(range(T - 1, -1, -1)):
+    for step in range(T - 1, -1, -1):
         t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-        mean, var, _, _, _ = p_mean_var(sched, x, t, model_fn(x, t), pred)
-        x = mean if step == 0 else mean + var.sqrt() * torch.randn(shape, device=device, generator=generator)
-        if i in keep:
-            kept.append(x.clone())
-    return x, kept
+        mean = p_mean(sched, x, t, model_fn(x, t), parameterization)
+        x = mean if step == 0 else mean + at(sched["post_var"], t).sqrt() * torch.randn(shape, device=device, generator=generator)
+        if on_step:
+            on_step(x)
+    return x
 
 
 def ddim_timesteps(T, steps):
@@ -276,37 +337,36 @@ def ddim_sigma2(ab_t, ab_prev, eta):
 
 
 @torch.no_grad()
-def ddim_sample(model_fn, sched, shape, pred, device, steps=50, eta=0.0, generator=None, trajectory=0):
+def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=0.0, generator=None, on_step=None):
     """DDIM, Song et al. 2021 eq. 12, from t to the previous grid point s:
 
         x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z
 
     i.e. the predicted digit, re-noised to level s along the predicted noise direction, plus
     fresh noise of variance sigma^2 (ddim_sigma2). After the last grid point, ab = 1: x = x0_hat."""
-    T = sched["betas"].shape[0]
+    T, device = sched["betas"].shape[0], sched["betas"].device
     grid = ddim_timesteps(T, steps)
     x = torch.randn(shape, device=device, generator=generator)
-    kept, keep = [], keep_at(len(grid), trajectory)
     for i, step in enumerate(grid):
         t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-        x0_hat, eps_hat = predict_x0_eps(sched, x, t, model_fn(x, t), pred, clip=True)
+        x0_hat, eps_hat = predict_x0_eps(sched, x, t, model_fn(x, t), parameterization, clip=True)
         ab_t = sched["alpha_bar"][step]
         ab_prev = sched["alpha_bar"][grid[i + 1]] if i + 1 < len(grid) else torch.ones_like(ab_t)
         sigma2 = ddim_sigma2(ab_t, ab_prev, eta)
         x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma2).clamp(min=0).sqrt() * eps_hat
         if eta > 0 and i + 1 < len(grid):
             x = x + sigma2.sqrt() * torch.randn(shape, device=device, generator=generator)
-        if i in keep:
-            kept.append(x.clone())
-    return x, kept
+        if on_step:
+            on_step(x)
+    return x
 
 
-def sample(model_fn, sched, n, pred, device, sampler="ddpm", steps=None, eta=0.0, generator=None, trajectory=0):
-    """Draw n MNIST-shaped samples in [-1, 1] with the chosen sampler."""
+def sample(model_fn, sched, n, parameterization, sampler="ddpm", steps=None, eta=0.0, generator=None, on_step=None):
+    """Draw n MNIST-shaped samples in [-1, 1] with the chosen sampler (DDIM: 50 steps unless told)."""
     shape = (n, 1, 28, 28)
     if sampler == "ddpm":
-        return ddpm_sample(model_fn, sched, shape, pred, device, generator, trajectory)
-    return ddim_sample(model_fn, sched, shape, pred, device, steps or 50, eta, generator, trajectory)
+        return ddpm_sample(model_fn, sched, shape, parameterization, generator, on_step)
+    return ddim_sample(model_fn, sched, shape, parameterization, steps or 50, eta, generator, on_step)
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,7 +394,7 @@ def log_normal_cdf_diff(lo, hi):
     and so in the range where log_ndtr is exact; then log(a - b) = log a + log(1 - b/a)."""
     flip = lo > 0
     a, b = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
-    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    log_a, log_b = log_ndtr(a), log_ndtr(b)
     return log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-12)))
 
 
@@ -347,14 +407,14 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     inv_scale = torch.exp(-log_scale)
     lo = (x - mean - 1.0 / 255) * inv_scale
     hi = (x - mean + 1.0 / 255) * inv_scale
-    log_cdf_hi = torch.special.log_ndtr(hi)           # bin (-inf, x + 1/255] at x = -1
-    log_sf_lo = torch.special.log_ndtr(-lo)           # bin [x - 1/255, inf)  at x = +1
+    log_cdf_hi = log_ndtr(hi)           # bin (-inf, x + 1/255] at x = -1
+    log_sf_lo = log_ndtr(-lo)           # bin [x - 1/255, inf)  at x = +1
     mid = log_normal_cdf_diff(lo, hi)
     return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_sf_lo, mid))
 
 
 @torch.no_grad()
-def vlb_bits_per_dim(model_fn, sched, x0, pred, generator=None):
+def vlb_bits_per_dim(model_fn, sched, x0, parameterization, generator=None):
     """The bound L for each image of x0 (B,1,H,W) in [-1, 1]: T network calls per image.
 
     Returns a dict of (B,) tensors: total, prior, kl (the sum of the L_t), decoder (L_0).
@@ -363,7 +423,9 @@ def vlb_bits_per_dim(model_fn, sched, x0, pred, generator=None):
     T = sched["betas"].shape[0]
     B = x0.shape[0]
     bits = 1.0 / math.log(2.0)
-    per_image = lambda nats: nats.mean(dim=(1, 2, 3)) * bits  # noqa: E731  nats/pixel -> bits/dim
+
+    def per_image(nats):  # nats per pixel -> bits/dim of each image
+        return nats.mean(dim=(1, 2, 3)) * bits
 
     # L_prior: q(x_{T-1} | x_0) = N(sqrt(ab) x_0, 1 - ab) against N(0, 1).
     ab_last = sched["alpha_bar"][-1]
@@ -373,18 +435,14 @@ def vlb_bits_per_dim(model_fn, sched, x0, pred, generator=None):
     decoder = torch.zeros(B, device=x0.device)
     for step in range(T - 1, -1, -1):
         t = torch.full((B,), step, device=x0.device, dtype=torch.long)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        x_t = q_sample(sched, x0, t, noise)
-        mean, _, log_var, _, _ = p_mean_var(sched, x_t, t, model_fn(x_t, t), pred, clip=True)
+        x_t = q_sample(sched, x0, t, torch.randn(x0.shape, device=x0.device, generator=generator))
+        mean = p_mean(sched, x_t, t, model_fn(x_t, t), parameterization)
+        log_var = at(sched["post_log_var"], t)  # the model's variance is the posterior's (clipped at t = 0)
         if step > 0:
-            true_mean, _, true_log_var = q_posterior(sched, x0, x_t, t)
-            kl += per_image(normal_kl(true_mean, true_log_var, mean, log_var))
+            true_mean = q_posterior(sched, x0, x_t, t)[0]
+            kl += per_image(normal_kl(true_mean, log_var, mean, log_var))
         else:
-            # torch.special.log_ndtr has no MPS kernel in many torch versions: on a Mac this one
-            # term (once per batch) is computed on the CPU.
-            dev = torch.device("cpu") if x0.device.type == "mps" else x0.device
-            nll = -discretized_gaussian_log_likelihood(x0.to(dev), mean.to(dev), 0.5 * log_var.to(dev))
-            decoder = per_image(nll).to(x0.device)
+            decoder = per_image(-discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
     return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
 
 
@@ -409,63 +467,77 @@ def ema_update(ema_params, params, decay):
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Model, device, data, checkpoint: small helpers, the same shape in every script
+# 8. Training
 # ---------------------------------------------------------------------------------------
 
-MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout",
-              "schedule", "timesteps", "pred")
+def train(args):
+    device = setup(args)
+    ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay"))
+    torch.manual_seed(args.seed)
+    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
+    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
+    steps_per_epoch, total_steps = run_length(args, len(train_x))
+    make_out_dir(args.out_dir)
 
+    sched = make_schedule(args.schedule, args.timesteps, device)
+    net = build_model(vars(args)).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
+    step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    train_fn = make_model_fn(net, device, args.amp, args.compile)  # the checkpoint stores the plain modules
+    ema_fn = make_model_fn(ema, device, args.amp, args.compile)    # a separate graph: it only infers
+    log(f"ddpm: {sum(p.numel() for p in params) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, "
+        f"T={args.timesteps}, pred={args.pred} | {len(train_x)} train images, batch {args.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
-def parse_channel_mult(text):
+    def save():
+        save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema, optimizer=opt)
+
+    meter, sample_speed, t_start = Meter(step, total_steps, steps_per_epoch, args, device), None, time.perf_counter()
+    net.train()
     try:
-        mult = tuple(int(v) for v in str(text).split(","))
-    except ValueError:
-        mult = ()
-    if not mult or min(mult) < 1:
-        raise ValueError(f"--channel-mult must be comma-separated positive integers, got {text!r}")
-    return mult
+        while step < total_steps:
+            for images in epoch_batches(train_x, step, steps_per_epoch, args):
+                for group in opt.param_groups:  # linear warm-up of the learning rate
+                    group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+                loss, t = diffusion_loss(train_fn, sched, to_model_range(images), args.pred)
+                opt.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                opt.step()
+                ema_update(ema_params, params, ema_decay(step, args.ema_decay))
+                step += 1
+                meter.add("loss", loss)
+                meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)  # t in [0, T/4), ...
+                meter.tick(step)
+                if step >= total_steps:
+                    break
+            with meter.paused():  # a grid every --sample-every epochs and at the end, then the checkpoint
+                if (step % steps_per_epoch == 0 and step // steps_per_epoch % args.sample_every == 0) or step >= total_steps:
+                    path = os.path.join(args.out_dir, f"samples_epoch_{step // steps_per_epoch:03d}.png")
+                    sample_speed = save_grid(ema_fn, sched, args, device, path)
+                    log(f"wrote {path} ({args.sampler}, {args.num_samples / sample_speed:.1f}s)")
+                save()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(130)
 
-
-def build_model(config):
-    """The U-Net described by a config dict (the argparse namespace, or a checkpoint's)."""
-    return UNet(in_channels=1, out_channels=1, channels=config["channels"],
-                channel_mult=parse_channel_mult(config["channel_mult"]), num_blocks=config["num_blocks"],
-                attention=config["attention"], dropout=config["dropout"], block=config["arch"])
-
-
-def make_model_fn(net, device, amp):
-    """net(x, t) with the network in bf16 autocast (if amp) and the output back in float32,
-    so that everything around the network (schedule, loss, sampler, bound) stays fp32."""
-    def model_fn(x, t):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            return net(x, t).float()
-    return model_fn
-
-
-def get_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked, but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps asked, but MPS is not available")
-    return torch.device(name)
-
-
-def load_mnist(data_dir, train, device):
-    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
-    try:
-        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
-    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
-        raw = os.path.join(data_dir, "MNIST", "raw")
-        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
-             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in {raw}/ "
-             f"or point --data-dir at a folder that has them (e.g. --data-dir ../shared/mnist)")
-    return ds.data.to(device), ds.targets.to(device)
+    wall = time.perf_counter() - t_start
+    images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+               "train_loss": meter.last["loss"], "train_images_per_sec": images_per_sec,
+               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
+               "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
+               "parameters": sum(p.numel() for p in params)}
+    metrics.update(evaluate(ema_fn, sched, test_x, args, device))
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {metrics['train_loss']:.4f} | test loss "
+        f"{metrics['test_loss']:.4f}" + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
+        + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
 
 
 def to_model_range(images_u8):
@@ -473,80 +545,20 @@ def to_model_range(images_u8):
     return images_u8.unsqueeze(1).float() / 127.5 - 1
 
 
-def epoch_permutation(n, seed, epoch, device):
-    """The order of the training images in one epoch. Drawn from its own generator seeded by
-    (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).to(device)
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def save_checkpoint(state, path):
-    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, kind):
-    """Load a checkpoint as data (weights_only=True: no code runs) and check it is ours."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        fail(f"{path} is not a {kind} checkpoint (kind: {found!r})")
-    if ckpt.get("version", 0) > CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
-    return ckpt
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-# ---------------------------------------------------------------------------------------
-# 9. Training and evaluation
-# ---------------------------------------------------------------------------------------
-
 def save_grid(model_fn, sched, args, device, path):
     """Sample a grid with a fixed generator (the same noise every epoch, so grids compare),
     write it, and return the sampling speed in images/s."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     t0 = time.perf_counter()
-    x, _ = sample(model_fn, sched, args.num_samples, args.pred, device, args.sampler,
-                  args.sample_steps, args.eta, generator=gen)
-    x = x.cpu()  # waits for the device: the timing below is real
-    speed = args.num_samples / (time.perf_counter() - t0)
+    x = sample(model_fn, sched, args.num_samples, args.pred, args.sampler, args.sample_steps, args.eta, gen).cpu()
+    speed = args.num_samples / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
     save_image((x + 1) / 2, path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
     return speed
 
+
+# ---------------------------------------------------------------------------------------
+# 9. Evaluation and main
+# ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model_fn, sched, test_x, args, device):
@@ -554,175 +566,23 @@ def evaluate(model_fn, sched, test_x, args, device):
     bits/dim on the first --eval-images test digits (T network calls each)."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     batch = max(args.batch_size, 256)
-    losses = []
-    for i in range(0, len(test_x), batch):
-        loss, _ = diffusion_loss(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
-        losses.append(loss)
+    losses = [diffusion_loss(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
+              for i in range(0, len(test_x), batch)]
     metrics = {"test_loss": torch.cat(losses).mean().item()}
     n = min(args.eval_images, len(test_x))
     if n > 0:
-        T = sched["betas"].shape[0]
-        log(f"bound: {n} test images x {T} timesteps = {n * T:,} network calls (--eval-images sets how many)")
+        log(f"bound: {n} test images x {args.timesteps} timesteps = {n * args.timesteps:,} network calls "
+            f"(--eval-images sets how many)")
         t0 = time.perf_counter()
         parts = [vlb_bits_per_dim(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
                  for i in range(0, n, batch)]
         for key in ("total", "prior", "kl", "decoder"):
-            metrics[f"test_bpd_{key}" if key != "total" else "test_bpd"] = torch.cat([p[key] for p in parts]).mean().item()
+            metrics["test_bpd" if key == "total" else f"test_bpd_{key}"] = torch.cat([p[key] for p in parts]).mean().item()
         metrics["test_bpd_images"] = n
         log(f"bound: {metrics['test_bpd']:.4f} bits/dim (prior {metrics['test_bpd_prior']:.5f}, "
             f"diffusion KLs {metrics['test_bpd_kl']:.4f}, decoder {metrics['test_bpd_decoder']:.4f}) "
             f"in {time.perf_counter() - t0:.1f}s")
     return metrics
-
-
-def setup(args):
-    """Device, precision, compile and TF32 settings shared by training and evaluation."""
-    device = get_device(args.device)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
-    args.amp = (device.type == "cuda") if args.amp is None else args.amp
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def train(args):
-    device = setup(args)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "ddpm")
-        # The model, the schedule and the data order come from the checkpoint; the flags for
-        # run length, logging, sampling and hardware come from this command line.
-        for key, value in ckpt["config"].items():
-            if key in MODEL_KEYS or key in ("seed", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay"):
-                setattr(args, key, value)
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or --out-dir for a new one")
-
-    torch.manual_seed(args.seed)
-    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
-    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
-    steps_per_epoch = len(train_x) // args.batch_size  # full batches only: step -> (epoch, batch) is exact
-    if steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    os.makedirs(args.out_dir, exist_ok=True)  # only now: bad input leaves no folder behind
-
-    sched = make_schedule(args.schedule, args.timesteps, device)
-    net = build_model(vars(args)).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    # fused: the whole update in one kernel over the parameters (CUDA and, since torch 2.4, CPU)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
-    step = 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"], device)
-        log(f"resumed {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
-    params, ema_params = list(net.parameters()), list(ema.parameters())
-    # Compile the training network and the EMA copy used for sampling (separate graphs: one
-    # trains, one only infers). The checkpoint always stores the uncompiled modules.
-    train_fn = make_model_fn(torch.compile(net) if args.compile else net, device, args.amp)
-    ema_fn = make_model_fn(torch.compile(ema) if args.compile else ema, device, args.amp)
-
-    n_params = sum(p.numel() for p in params)
-    log(f"ddpm: {n_params / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, T={args.timesteps}, "
-        f"pred={args.pred} | {len(train_x)} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
-
-    def checkpoint():
-        save_checkpoint({"kind": "ddpm", "version": CKPT_VERSION, "config": vars(args),
-                         "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "epoch": step // steps_per_epoch, "rng": rng_state(device)}, ckpt_path)
-
-    # Per-quarter loss accumulators live on the device: no host sync until a log line.
-    quarter_sum = torch.zeros(4, device=device)
-    quarter_cnt = torch.zeros(4, device=device)
-    train_loss = float("nan")
-    t_start = time.perf_counter()
-    t_log, step_log = t_start, step
-    steady_time, steady_images = 0.0, 0  # throughput after the first log interval (compile, warm-up)
-    first_interval = True
-    sample_speed = None
-    net.train()
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            perm = epoch_permutation(len(train_x), args.seed, epoch, device)
-            for i in range(step % steps_per_epoch, steps_per_epoch):
-                x0 = to_model_range(train_x.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size]))
-                for group in opt.param_groups:  # linear warm-up of the learning rate
-                    group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-                loss_per_image, t = diffusion_loss(train_fn, sched, x0, args.pred)
-                opt.zero_grad(set_to_none=True)
-                loss_per_image.mean().backward()
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                opt.step()
-                ema_update(ema_params, params, ema_decay(step, args.ema_decay))
-                step += 1
-                quarter = t * 4 // args.timesteps
-                quarter_sum.index_add_(0, quarter, loss_per_image.detach())
-                quarter_cnt.index_add_(0, quarter, torch.ones_like(loss_per_image))
-
-                if step % args.log_every == 0 or step == total_steps:
-                    # The one host sync, at log time only: mean loss since the last log line,
-                    # overall and per quarter of the timestep range (t in [0, T/4), ...).
-                    train_loss = (quarter_sum.sum() / quarter_cnt.sum()).item()
-                    q = (quarter_sum / quarter_cnt.clamp(min=1)).tolist()
-                    quarter_sum.zero_(), quarter_cnt.zero_()
-                    now = time.perf_counter()
-                    speed = (step - step_log) * args.batch_size / (now - t_log)
-                    if not first_interval:
-                        steady_time += now - t_log
-                        steady_images += (step - step_log) * args.batch_size
-                    first_interval = False
-                    eta = (total_steps - step) * args.batch_size / speed
-                    log(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | loss {train_loss:.4f} "
-                        f"| by t quarter {' '.join(f'{v:.4f}' for v in q)} | {speed:,.0f} img/s | eta {eta / 60:.1f} min")
-                    t_log, step_log = now, step
-                if step >= total_steps:
-                    break
-            # End of an epoch (or of --max-steps): grid every --sample-every epochs and at the
-            # end, then the checkpoint, so an interruption loses at most one epoch.
-            done = step // steps_per_epoch
-            last = step >= total_steps
-            t0 = time.perf_counter()
-            if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
-                path = os.path.join(args.out_dir, f"samples_epoch_{done:03d}.png")
-                sample_speed = save_grid(ema_fn, sched, args, device, path)
-                log(f"wrote {path} ({args.sampler}, {args.num_samples / sample_speed:.1f}s)")
-            checkpoint()
-            t_log += time.perf_counter() - t0  # pictures and checkpoint writes are not training throughput
-    except KeyboardInterrupt:
-        checkpoint()
-        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-        sys.exit(130)
-
-    wall = time.perf_counter() - t_start
-    images_per_sec = steady_images / steady_time if steady_time > 0 else (step * args.batch_size) / wall
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
-               "train_loss": train_loss, "train_images_per_sec": images_per_sec,
-               "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
-               "parameters": n_params}
-    metrics.update(evaluate(ema_fn, sched, test_x, args, device))
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.4f} | test loss {metrics['test_loss']:.4f}"
-        + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
-        + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
-
-
-def describe(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return device.type
 
 
 def eval_only(args):
@@ -735,7 +595,7 @@ def eval_only(args):
     sched = make_schedule(args.schedule, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
-    ema_fn = make_model_fn(torch.compile(ema) if args.compile else ema, device, args.amp)
+    ema_fn = make_model_fn(ema, device, args.amp, args.compile)
     test_x, _ = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
@@ -743,89 +603,38 @@ def eval_only(args):
     path = os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png")
     metrics["sample_images_per_sec"] = save_grid(ema_fn, sched, args, device, path)
     log(f"test loss {metrics['test_loss']:.4f} | wrote {path} at {metrics['sample_images_per_sec']:.1f} img/s")
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(metrics, os.path.join(args.out_dir, "eval.json"))
 
 
-# ---------------------------------------------------------------------------------------
-# 10. Command line
-# ---------------------------------------------------------------------------------------
-
-def number_at_least(convert, minimum, strict=False):
-    """An argparse type: `convert` the text (int or float) and check it is >= minimum (> if
-    strict) and finite, with one clear message either way."""
-    kind = "an integer" if convert is int else "a number"
-    bound = f"{'>' if strict else '>='} {minimum}"
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}")
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text}")
-        return value
-
-    return parse
+def main(argv=None):
+    args = parse_args(argv)
+    if args.eval_only:
+        eval_only(args)
+    else:
+        train(args)
 
 
-positive_int = number_at_least(int, 1)
-nonneg_int = number_at_least(int, 0)
-positive_float = number_at_least(float, 0, strict=True)
+# =======================================================================================
+# Appendix: plumbing. Nothing below this line is about the model.
+# =======================================================================================
+# The same helpers, in the same order, close every training script of this project: the
+# command line, device and precision, data, random state and checkpoints, the log.
 
 
-def make_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Train or evaluate a DDPM on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
-    g.add_argument("--out-dir", default="out/ddpm", help="checkpoint, sample grids, metrics.json")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=256)
-    g.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
-    g.add_argument("--warmup-steps", type=positive_int, default=500, help="linear learning-rate warm-up")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network (default: on for CUDA only)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the network (default: on for CUDA only)")
-    g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
-    g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
-    g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
-    g.add_argument("--eval-images", type=nonneg_int, default=256,
-                   help="test images for the bound in bits/dim (T network calls each; 0 skips it)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["resnet", "shuffle"], default="resnet", help="U-Net block type")
-    g.add_argument("--channels", type=positive_int, default=32, help="width of the first U-Net level")
-    g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
-    g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
-    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
-                   help="self-attention at the lowest resolution")
-    g.add_argument("--dropout", type=float, default=0.0)
-
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
-    g.add_argument("--pred", choices=["eps", "x0", "v"], default="eps", help="what the network predicts")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
-
-    g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (all T steps) or DDIM")
-    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
-    return p
+CKPT_VERSION = 1
 
 
 def parse_args(argv=None):
+    """The knobs at the top of the file, read from the command line; bad input is one line."""
     parser = make_parser()
-    parser.error = fail  # argparse's own errors as one line too
+    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
     args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """The checks no single argparse type can make."""
     try:
         parse_channel_mult(args.channel_mult)
     except ValueError as e:
@@ -843,15 +652,233 @@ def parse_args(argv=None):
             fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     if args.eta and args.sampler != "ddim":
         fail("--eta applies to --sampler ddim")
-    return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.eval_only:
-        eval_only(args)
-    else:
-        train(args)
+def number_at_least(convert, minimum, strict=False):
+    """An argparse type: a finite int or float that is >= minimum (> if strict)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind} {'>' if strict else '>='} {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number_at_least(int, 1)
+nonneg_int = number_at_least(int, 0)
+positive_float = number_at_least(float, 0, strict=True)
+
+
+def make_out_dir(path):
+    """Create --out-dir once all input is checked (bad input leaves no folder) and prove it writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, ".write_test"), "w").close()
+        os.remove(os.path.join(path, ".write_test"))
+    except OSError as e:
+        fail(f"cannot write to --out-dir {path}: {e.strerror or e}")
+
+
+def setup(args):
+    """The device, and what depends on it: compile and bf16 default on for CUDA only, TF32 on."""
+    device = get_device(args.device)
+    args.compile = (device.type == "cuda") if args.compile is None else args.compile
+    args.amp = (device.type == "cuda") if args.amp is None else args.amp
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        fail(f"--device {name} asked, but it is not available")
+    return torch.device(name)
+
+
+def log_ndtr(x):
+    """log Phi(x), the log of the standard normal CDF. torch.special.log_ndtr has no MPS kernel
+    in many torch versions: on a Mac it is computed on the CPU and moved back."""
+    if x.device.type == "mps":
+        return torch.special.log_ndtr(x.cpu()).to(x.device)
+    return torch.special.log_ndtr(x)
+
+
+def make_model_fn(net, device, amp, compile=False):
+    """net(*inputs), torch.compile'd if asked, in bf16 autocast if amp, with the output(s) back
+    in float32, so that all the math around the network stays fp32."""
+    run = torch.compile(net) if compile else net
+
+    def model_fn(*inputs):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = run(*inputs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+    return model_fn
+
+
+def fused_adam_ok(device):
+    return device.type in ("cuda", "cpu")  # one kernel for the whole update (CPU since torch 2.4)
+
+
+def describe(device):
+    return torch.cuda.get_device_name() if device.type == "cuda" else device.type
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def load_mnist(data_dir, train, device):
+    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
+             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in "
+             f"{os.path.join(data_dir, 'MNIST', 'raw')}/ or point --data-dir at a folder that has them")
+    return ds.data.to(device), ds.targets.to(device)
+
+
+def run_length(args, n_train):
+    """(steps per epoch, total steps). Full batches only, so step -> (epoch, batch) is exact."""
+    steps_per_epoch = n_train // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+
+def epoch_batches(images, step, steps_per_epoch, args):
+    """The rest of the epoch that `step` is in, as uint8 batches, in an order seeded by (seed,
+    epoch): a resumed run sees exactly the batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + step // steps_per_epoch)
+    perm = torch.randperm(len(images), generator=g).to(images.device)
+    for i in range(step % steps_per_epoch, steps_per_epoch):  # index_select: ~7x faster than [] on CPU
+        yield images.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size])
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type in ("cuda", "mps"):
+        state[device.type] = getattr(torch, device.type).get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type in ("cuda", "mps") and device.type in state:
+        getattr(torch, device.type).set_rng_state(state[device.type])
+
+
+def start_or_resume(args, kind, resumed_keys):
+    """--resume: the checkpoint in --out-dir, whose resumed_keys (the model, the data order, the
+    optimizer's settings) replace the command line's. Else None, and never overwrite one."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(path):
+            fail(f"{path} exists: pass --resume to continue that run, or --out-dir for a new one")
+        return None
+    ckpt = load_checkpoint(path, kind)
+    for key in set(resumed_keys) & set(ckpt["config"]):
+        setattr(args, key, ckpt["config"][key])
+    return ckpt
+
+
+def restore(ckpt, device, **objects):
+    """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step."""
+    for key, obj in objects.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"], device)
+    log(f"resumed at step {ckpt['step']} (epoch {ckpt['epoch']})")
+    return ckpt["step"]
+
+
+def save_checkpoint(path, kind, args, step, epoch, device, **objects):
+    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one."""
+    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
+             "rng": rng_state(device), **{k: None if v is None else v.state_dict() for k, v in objects.items()}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, kind):
+    """A checkpoint of this kind, loaded as data (weights_only=True: no code in it runs)."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint (kind: {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
+    if ckpt.get("version", 0) > CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    return ckpt
+
+
+class Meter:
+    """The log line. Per-image losses are summed on the device and read once per line (a sync
+    every step would stall a GPU): each figure is a mean since the last line, per group if
+    asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
+
+    def __init__(self, step, total_steps, steps_per_epoch, args, device):
+        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
+        self.device, self.sums, self.last, self.first = device, {}, {}, True
+        self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
+
+    def add(self, name, values, group=None, groups=1):
+        if name not in self.sums:  # row 0: sums, row 1: counts
+            self.sums[name] = torch.zeros(2, groups, device=self.device)
+        index = torch.zeros_like(values, dtype=torch.long) if group is None else group
+        self.sums[name][0].index_add_(0, index, values.detach().float())
+        self.sums[name][1].index_add_(0, index, torch.ones_like(values, dtype=torch.float))
+
+    def tick(self, step):
+        if step % self.every and step != self.total:
+            return
+        means = {k: (s[0] / s[1].clamp(min=1)).tolist() for k, s in self.sums.items()}  # the one host sync
+        for s in self.sums.values():
+            s.zero_()
+        self.last = {k: m[0] if len(m) == 1 else m for k, m in means.items()}
+        now, images = time.perf_counter(), (step - self.step_log) * self.batch
+        if not self.first:
+            self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
+        speed, self.first = images / max(now - self.t_log, 1e-9), False
+        figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
+        log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
+            f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
+        self.t_log, self.step_log = now, step
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.t_log += time.perf_counter() - t0
+
+    def images_per_sec(self, images, wall):
+        """Steady training throughput; before the second log line, all images over the wall time."""
+        return self.steady_images / self.steady_time if self.steady_time > 0 else images / max(wall, 1e-9)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def fail(message):
+    """Stop with one clear line on stderr: bad input is not a traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(msg):
+    print(msg, flush=True)
 
 
 if __name__ == "__main__":

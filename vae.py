@@ -36,11 +36,13 @@ samples_epoch_NNN.png (prior samples), reconstructions.png (inputs over outputs)
 interpolation.png, with --latent-dim 2 manifold.png and latent_space.png, and metrics.json
 (config, losses, held-out negative ELBO and IWAE NLL in nats, bits/dim, speed).
 
-Reading order: networks -> likelihoods -> KL and reparameterisation -> ELBO -> IWAE ->
-bits/dim -> data / checkpoint helpers -> training loop -> pictures -> main().
+Reading order: the knobs -> networks -> likelihoods and their data -> reparameterisation and
+KL -> ELBO -> IWAE -> bits/dim -> pictures -> training loop -> evaluation -> main(), then the
+appendix (command line, device, data, checkpoints, log: plumbing, the same in every script).
 All nats and bits are per image unless a name says per dim; log is the natural log.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -54,15 +56,47 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.utils import save_image
 
-CKPT_VERSION = 1
-PROG = "vae.py"
 D = 28 * 28  # pixels per image: the "dim" of bits/dim
 
 
-def fail(message):
-    """Stop with one clear line on stderr (bad input is not a traceback)."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def make_parser():
+    p = argparse.ArgumentParser(description="Train or evaluate a VAE on MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
+    p.add_argument("--out-dir", default="out/vae", help="checkpoint, pictures, metrics.json")
+    p.add_argument("--epochs", type=positive_int, default=50, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training forward pass (default: on for CUDA only)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the networks (default: on for CUDA only)")
+    p.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
+    p.add_argument("--sample-every", type=positive_int, default=5, help="epochs between prior-sample grids")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
+    p.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
+    p.add_argument("--iw-samples", type=nonneg_int, default=5000,
+                   help="K of the IWAE bound for the held-out NLL estimate (0 skips it)")
+    p.add_argument("--iw-images", type=nonneg_int, default=1000,
+                   help="test images for the IWAE bound (K decoder calls each; 0 skips it)")
+    # the model
+    p.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="encoder/decoder networks")
+    p.add_argument("--latent-dim", type=positive_int, default=20, help="L, the size of z (2 also draws the manifold)")
+    p.add_argument("--hidden-dim", type=positive_int, default=400, help="MLP hidden layer width")
+    p.add_argument("--channels", type=positive_int, default=32, help="CNN width: c and 2c channels at 14x14 and 7x7")
+    p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli", help="p(x | z)")
+    p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
+                   help="bernoulli: dynamically binarize the data (default on; without it the nats are "
+                        "not a likelihood)")
+    p.add_argument("--sigma", type=sigma_value, default=None,
+                   help="gaussian: fixed decoder std on the [0, 1] scale, or 'learned' (per pixel, by the "
+                        "decoder; the default)")
+    p.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE); 1 is the ELBO")
+    return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,6 +170,12 @@ class ConvDecoder(nn.Module):
         return self.net(z)
 
 
+# Soft floor of a learned log sigma (VAE.gaussian_params): a pure guard against a runaway
+# division. The dequantization noise alone (std 1/256/sqrt(12) = 0.0011, log -6.8) keeps
+# useful sigmas above it.
+LOG_SIGMA_MIN = -8.0
+
+
 class VAE(nn.Module):
     """Encoder + decoder + what the decoder's output means (the likelihood).
 
@@ -143,6 +183,8 @@ class VAE(nn.Module):
       bernoulli:              1, the logits of p(pixel = 1 | z)
       gaussian, fixed sigma:  1, the logits of the mean (mean = sigmoid(.), in (0, 1) like the data)
       gaussian, learned:      2, mean logits and an unconstrained log-sigma per pixel
+    encode and decode return float32 even when the networks run in bf16 (autocast), so all
+    the math around them (sampling z, the likelihood, the KL, the bounds) is fp32.
     """
 
     def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, channels=32,
@@ -157,7 +199,8 @@ class VAE(nn.Module):
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.learned_sigma = likelihood == "gaussian" and sigma == "learned"
-        # A fixed sigma is a constant of the model, not a weight: it lives in the config.
+        # A fixed sigma is a constant of the model, not a weight: it lives in the config, as the
+        # text of --sigma ("0.1"; older checkpoints hold the float 0.1, which float() reads too).
         self.fixed_sigma = None if (likelihood == "bernoulli" or self.learned_sigma) else float(sigma)
         out_channels = 2 if self.learned_sigma else 1
         if arch == "mlp":
@@ -168,12 +211,18 @@ class VAE(nn.Module):
             self.decoder = ConvDecoder(latent_dim, channels, out_channels)
 
     def encode(self, x):
-        """(B,1,28,28) -> mu, logvar, each (B, L)."""
-        return self.encoder(x).chunk(2, dim=1)
+        """(B,1,28,28) -> mu, logvar, each (B, L): the parameters of q(z | x)."""
+        return self.encoder(x).float().chunk(2, dim=1)
 
     def decode(self, z):
         """(B, L) -> raw decoder output (B, out_channels, 28, 28); see log_likelihood / mean."""
-        return self.decoder(z)
+        return self.decoder(z).float()
+
+    def forward(self, x, eps):
+        """The ELBO's pass: q(z | x), the sample z = mu + sigma * eps (sec. 3), its decoding.
+        (B,1,28,28), (B, L) -> decoder output, mu, logvar."""
+        mu, logvar = self.encode(x)
+        return self.decode(reparameterize(mu, logvar, eps)), mu, logvar
 
     def log_likelihood(self, x, out):
         """log p(x | z) summed over the 784 pixels: (B,1,28,28), (B,C,28,28) -> (B,)."""
@@ -186,9 +235,7 @@ class VAE(nn.Module):
         """Mean and log sigma of the Gaussian decoder, each (B,1,28,28)."""
         mean = torch.sigmoid(out[:, :1])
         if self.learned_sigma:
-            # Soft floor at log sigma = LOG_SIGMA_MIN: softplus(r - m) + m ~ r above it, -> m
-            # below it. A pure guard against a runaway division: the dequantization noise
-            # alone (std 1/256/sqrt(12) = 0.0011, log -6.8) keeps useful sigmas above it.
+            # Soft floor: softplus(r - m) + m ~ r above m = LOG_SIGMA_MIN, -> m below it.
             log_sigma = F.softplus(out[:, 1:] - LOG_SIGMA_MIN) + LOG_SIGMA_MIN
         else:
             log_sigma = torch.full_like(mean, math.log(self.fixed_sigma))
@@ -202,46 +249,29 @@ class VAE(nn.Module):
         return self.gaussian_params(out)[0]
 
 
-LOG_SIGMA_MIN = -8.0
+MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize")
+
+
+def build_model(config):
+    """The VAE described by a config dict (the argparse namespace, or a checkpoint's)."""
+    return VAE(arch=config["arch"], latent_dim=config["latent_dim"], hidden_dim=config["hidden_dim"],
+               channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"])
 
 
 # ---------------------------------------------------------------------------------------
-# 2. Likelihoods p(x | z)
+# 2. Likelihoods p(x | z), and the data each one models
 # ---------------------------------------------------------------------------------------
-
-class BernoulliNLL(torch.autograd.Function):
-    """-log p(x | l) per pixel for Bernoulli logits l, with its gradient written out:
-
-        -[x log p + (1 - x) log(1 - p)] = softplus(l) - x l,    p = sigmoid(l)
-        d/dl [softplus(l) - x l]        = sigmoid(l) - x         (prediction minus target)
-
-    softplus(l) = max(l, 0) + log(1 + e^{-|l|}): e^{-|l|} is in (0, 1], so nothing overflows
-    and the log never sees 0. The value is that of F.binary_cross_entropy_with_logits (tested
-    against it and torch.distributions), written out for CPU speed: that function calls log1p,
-    which on the AVX-512 CPU of the benchmarks is over 10x slower than log (0.8 ms per batch of
-    128), and the closed-form backward is two kernels where autograd through the formula runs
-    eight. log(1 + u) for log1p(u) is off by at most ~1e-7 nats per pixel (1 + u rounds to 1
-    for u < 6e-8), no more than the rounding of the other terms; the gradient is exact."""
-
-    @staticmethod
-    def forward(ctx, logits, x):
-        ctx.save_for_backward(logits, x)
-        return logits.clamp(min=0) - x * logits + torch.log(1 + torch.exp(-logits.abs()))
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, x = ctx.saved_tensors
-        return grad * (torch.sigmoid(logits) - x), None  # no gradient for the data
-
 
 def bernoulli_log_likelihood(x, logits):
     """log p(x | z) = sum_i x_i log p_i + (1 - x_i) log(1 - p_i),  p_i = sigmoid(logits_i).
 
-    Computed from the logits (BernoulliNLL above), never as sigmoid followed by BCE: that would,
-    for a confident pixel, round p to 1.0 in fp32 and return log(0) = -inf (PyTorch then clamps
-    it to -100: a silently wrong gradient).
+    Per pixel, -[x log p + (1 - x) log(1 - p)] = softplus(l) - x l, with the gradient
+    sigmoid(l) - x (prediction minus target): binary_cross_entropy_with_logits, which computes
+    softplus(l) = max(l, 0) + log(1 + e^{-|l|}) so that nothing overflows and the log never
+    sees 0. Never sigmoid followed by BCE: that would, for a confident pixel, round p to 1.0 in
+    fp32 and return log(0) = -inf (PyTorch then clamps it to -100: a silently wrong gradient).
     A likelihood of binary x only: for grey-scale x it is a cross-entropy, not a log-probability."""
-    return -BernoulliNLL.apply(logits, x).sum(dim=(1, 2, 3))
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=(1, 2, 3))
 
 
 def gaussian_log_density(x, mean, log_sigma):
@@ -252,6 +282,23 @@ def gaussian_log_density(x, mean, log_sigma):
     Without -log sigma and -1/2 log(2 pi) this is a scaled squared error, not a log-density:
     summed MSE is not a negative log-likelihood and its value depends on the arbitrary scale."""
     return -0.5 * math.log(2 * math.pi) - log_sigma - 0.5 * ((x - mean) * torch.exp(-log_sigma)) ** 2
+
+
+def to_model_data(images_u8, likelihood, binarize, generator=None):
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], the data each likelihood models.
+
+    bernoulli, binarize:  x ~ Bernoulli(k / 255), a fresh draw each call (dynamic binarization,
+                          as in Burda et al. 2016: the model never sees the same binary digit twice)
+    bernoulli, no binarize: x = k / 255 (grey levels: trains, but the nats are not a likelihood)
+    gaussian:             x = (k + u) / 256, u ~ U[0, 1) fresh each call (uniform dequantization, sec. 5)
+    """
+    k = images_u8.unsqueeze(1).float()
+    if likelihood == "gaussian":
+        return (k + torch.rand(k.shape, device=k.device, generator=generator)) / 256
+    x = k / 255
+    if binarize:
+        x = torch.bernoulli(x, generator=generator)
+    return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,13 +313,16 @@ def reparameterize(mu, logvar, eps):
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-def kl_to_standard_normal(mu, logvar):
-    """KL(N(mu, diag sigma^2) || N(0, I)) in nats, summed over the L latent dims: (B, L) -> (B,)
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats:
 
-        -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)   (Kingma & Welling, appendix B)
+        KL = 1/2 (-1 + logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2)
 
-    Exact, so the KL term of the ELBO needs no sampling."""
-    return -0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar)).sum(dim=1)
+    Against the prior N(0, I) (mean2 = logvar2 = 0) it is Kingma & Welling's appendix B,
+    -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2): exact, so the KL term of the
+    ELBO needs no sampling."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def log_normal_diag(z, mu, logvar):
@@ -285,21 +335,18 @@ def log_normal_diag(z, mu, logvar):
 # 4. The ELBO (training objective) and the IWAE bound (evaluation)
 # ---------------------------------------------------------------------------------------
 
-def elbo_terms(encode, decode, log_lik, x, eps=None):
+def elbo_terms(model_fn, model, x, eps):
     """One-sample estimate of the two ELBO terms per image: (B,) reconstruction, (B,) KL.
 
         recon = -log p(x | z),  z = mu + sigma eps      (a Monte Carlo estimate, eq. 4)
         kl    = KL(q(z | x) || p(z))                    (exact, eq. 10)
         negative ELBO = recon + kl  >=  -log p(x)
 
-    encode(x) -> mu, logvar (fp32); decode(z) -> decoder output (fp32); log_lik(x, out) -> (B,).
-    The networks may run in bf16 (autocast); this arithmetic is done in fp32."""
-    mu, logvar = encode(x)
-    if eps is None:
-        eps = torch.randn_like(mu)
-    z = reparameterize(mu, logvar, eps)
-    recon = -log_lik(x, decode(z))
-    return recon, kl_to_standard_normal(mu, logvar)
+    model_fn(x, eps) -> (out, mu, logvar) is the VAE's forward pass (perhaps compiled, the
+    networks perhaps in bf16; its outputs fp32); model.log_likelihood reads the output."""
+    out, mu, logvar = model_fn(x, eps)
+    zeros = torch.zeros_like(mu)  # p(z) = N(0, I): mean 0, log variance 0
+    return -model.log_likelihood(x, out), normal_kl(mu, logvar, zeros, zeros).sum(dim=1)
 
 
 def vae_loss(recon, kl, beta):
@@ -368,170 +415,213 @@ def bits_per_dim_dequantized(nll_nats):
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Model, device, data, checkpoint: small helpers, the same shape in every script
+# 6. Pictures: all through net.encode / net.decode; the caller picks the precision (autocast)
 # ---------------------------------------------------------------------------------------
 
-MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize")
+@torch.no_grad()
+def save_samples(net, path, args, device):
+    """Decoder means of --num-samples prior samples z ~ N(0, I), the same z every call (a fixed
+    generator), so the grids of successive epochs show the same latent points."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    z = torch.randn((args.num_samples, net.latent_dim), device=device, generator=gen)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        images = net.mean(net.decode(z))
+    save_image(images.cpu(), path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
 
 
-def build_model(config):
-    """The VAE described by a config dict (the argparse namespace, or a checkpoint's)."""
-    return VAE(arch=config["arch"], latent_dim=config["latent_dim"], hidden_dim=config["hidden_dim"],
-               channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"])
+@torch.no_grad()
+def save_reconstructions(net, test_data, path, n=16):
+    """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
+    the decoder means at the posterior means z = mu(x)."""
+    x = test_data[:2 * n]
+    mu, _ = net.encode(x)
+    recon = net.mean(net.decode(mu))
+    rows = [x[:n], recon[:n], x[n:], recon[n:]]
+    save_image(torch.cat(rows).cpu(), path, nrow=n)
 
 
-def make_model_fns(net, device, amp, compile=False):
-    """encode(x) -> (mu, logvar) and decode(z) -> output, with the networks in bf16 autocast
-    (if amp) and their outputs back in float32, so that the sampling of z, the likelihood,
-    the KL and the bounds stay fp32. With compile, each network is torch.compile'd on its own
-    (the fp32 math between them is a few elementwise ops)."""
-    enc = torch.compile(net.encoder) if compile else net.encoder
-    dec = torch.compile(net.decoder) if compile else net.decoder
-
-    def encode(x):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            h = enc(x)
-        mu, logvar = h.float().chunk(2, dim=1)
-        return mu, logvar
-
-    def decode(z):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            return dec(z).float()
-
-    return encode, decode
+@torch.no_grad()
+def save_interpolation(net, test_data, path, pairs=8, steps=10):
+    """Each row walks in a straight line between the posterior means of two test digits,
+    z = (1 - a) mu(x1) + a mu(x2), a = 0 .. 1, and shows the decoder means."""
+    x = test_data[:2 * pairs]
+    mu, _ = net.encode(x)
+    a = torch.linspace(0, 1, steps, device=x.device).view(1, steps, 1)
+    z = (1 - a) * mu[:pairs, None] + a * mu[pairs:, None]           # (pairs, steps, L)
+    save_image(net.mean(net.decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
 
 
-def get_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked, but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps asked, but MPS is not available")
-    return torch.device(name)
+@torch.no_grad()
+def save_manifold(net, path, n=20):
+    """The learned 2-D manifold (Kingma & Welling fig. 4): an n x n grid of points evenly
+    spaced on the unit square, mapped through the inverse Gaussian CDF, so each cell covers
+    the same prior mass of N(0, I), and decoded to their means."""
+    q = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
+    v = (math.sqrt(2) * torch.erfinv(2 * q - 1)).float()            # Phi^-1(q)
+    zy, zx = torch.meshgrid(-v, v, indexing="ij")                   # z_2 grows upwards in the picture
+    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
+    device = next(net.parameters()).device
+    save_image(net.mean(net.decode(z.to(device))).cpu(), path, nrow=n, padding=0)
 
 
-def load_mnist(data_dir, train, device):
-    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
-    try:
-        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
-    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
-        raw = os.path.join(data_dir, "MNIST", "raw")
-        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
-             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in {raw}/ "
-             f"or point --data-dir at a folder that has them (e.g. --data-dir ../shared/mnist)")
-    return ds.data.to(device), ds.targets.to(device)
+# Ten distinguishable colours (the "tab10" palette), one per digit class 0..9.
+PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
 
 
-def to_model_data(images_u8, likelihood, binarize, generator=None):
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], the data each likelihood models.
-
-    bernoulli, binarize:  x ~ Bernoulli(k / 255), a fresh draw each call (dynamic binarization,
-                          as in Burda et al. 2016: the model never sees the same binary digit twice)
-    bernoulli, no binarize: x = k / 255 (grey levels: trains, but the nats are not a likelihood)
-    gaussian:             x = (k + u) / 256, u ~ U[0, 1) fresh each call (uniform dequantization, sec. 5)
-    """
-    k = images_u8.unsqueeze(1).float()
-    if likelihood == "gaussian":
-        return (k + torch.rand(k.shape, device=k.device, generator=generator)) / 256
-    x = k / 255
-    if binarize:
-        x = torch.bernoulli(x, generator=generator)
-    return x
-
-
-def epoch_permutation(n, seed, epoch, device):
-    """The order of the training images in one epoch. Drawn from its own generator seeded by
-    (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).to(device)
+@torch.no_grad()
+def save_latent_space(net, test_data, labels, path, size=280):
+    """Where the test digits land in a 2-D latent space, drawn without a plotting library:
+    each posterior mean mu(x) is a 3x3 dot in its class colour (PALETTE) on a white canvas.
+    The axes are Phi(z) in [0, 1], the coordinates of manifold.png, so both pictures align.
+    A strip of ten swatches under the canvas shows the colours of 0, 1, ..., 9 left to right."""
+    mu, _ = net.encode(test_data)
+    u = 0.5 * (1 + torch.erf(mu.cpu() / math.sqrt(2)))                # Phi(z) in (0, 1)
+    col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
+    row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
+    canvas = torch.ones(3, size + size // 10, size)
+    for dy in range(3):
+        for dx in range(3):
+            canvas[:, row + dy, col + dx] = PALETTE[labels.cpu()].T
+    for c in range(10):
+        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = PALETTE[c].view(3, 1, 1)
+    save_image(canvas, path)
 
 
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def save_checkpoint(state, path):
-    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, kind):
-    """Load a checkpoint as data (weights_only=True: no code runs) and check it is ours."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        fail(f"{path} is not a {kind} checkpoint (kind: {found!r})")
-    if ckpt.get("version", 0) > CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
-    return ckpt
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def describe(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return device.type
+def save_pictures(net, test_x, test_y, args, device, prefix=""):
+    """Everything drawn at the end of a run (or by --eval-only), the networks in the precision
+    of training (bf16 with --amp), on the test digits that evaluate() scores."""
+    test_data = eval_data(test_x, args, device)
+    paths = [os.path.join(args.out_dir, prefix + name) for name in ("reconstructions.png", "interpolation.png")]
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        save_reconstructions(net, test_data, paths[0])
+        save_interpolation(net, test_data, paths[1])
+        if args.latent_dim == 2:
+            paths.append(os.path.join(args.out_dir, prefix + "manifold.png"))
+            save_manifold(net, paths[-1])
+            paths.append(os.path.join(args.out_dir, prefix + "latent_space.png"))
+            save_latent_space(net, test_data, test_y, paths[-1])
+    log("wrote " + ", ".join(paths))
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Evaluation on the held-out test split
+# 7. Training
+# ---------------------------------------------------------------------------------------
+
+# What --resume takes from the checkpoint: the model, the data order, the objective, the optimizer.
+RESUMED_KEYS = MODEL_KEYS + ("seed", "batch_size", "lr", "beta")
+
+
+def train(args):
+    device = setup(args)
+    ckpt = start_or_resume(args, "vae", RESUMED_KEYS)
+    if isinstance(args.sigma, float):  # older checkpoints stored a fixed sigma as a float
+        args.sigma = str(args.sigma)
+    torch.manual_seed(args.seed)
+    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
+    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    steps_per_epoch, total_steps = run_length(args, len(train_x))
+    make_out_dir(args.out_dir)  # only now: bad input leaves no folder behind
+    net = build_model(vars(args)).to(device)
+    # Adam (Kingma & Ba 2015) at 1e-3, as in the PyTorch example VAE.
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=fused_adam_ok(device))
+    step = restore(ckpt, device, model=net, optimizer=opt) if ckpt else 0
+    model_fn = make_model_fn(net, device, args.amp, args.compile)  # x, eps -> out, mu, logvar
+    n_params = sum(p.numel() for p in net.parameters())
+    data = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
+        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
+    log(f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{data}, "
+        f"beta {args.beta} | {len(train_x)} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
+
+    # No EMA of the weights here (ckpt "ema" is None): a VAE's samples do not need it, and the
+    # held-out bound is for the weights that were trained.
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+    def save():
+        save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device, model=net, ema=None,
+                        optimizer=opt)
+
+    meter = Meter(step, total_steps, steps_per_epoch, args, device)
+    t_start, first_step = time.perf_counter(), step
+    net.train()
+    try:
+        while step < total_steps:
+            for images in epoch_batches(train_x, step, steps_per_epoch, args):
+                x = to_model_data(images, args.likelihood, args.binarize)  # a fresh binarization first,
+                eps = torch.randn(x.shape[0], args.latent_dim, device=device)  # then eps ~ N(0, I)
+                recon, kl = elbo_terms(model_fn, net, x, eps)
+                loss = vae_loss(recon, kl, args.beta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                meter.add("loss", recon + args.beta * kl)
+                meter.add("recon", recon)
+                meter.add("KL", kl)
+                meter.tick(step)
+                if step >= total_steps:
+                    break
+            # End of an epoch (or of --max-steps): a grid every --sample-every epochs and at the
+            # end, then the checkpoint, so an interruption loses at most one epoch.
+            with meter.paused():
+                epoch = step // steps_per_epoch
+                if (step % steps_per_epoch == 0 and epoch % args.sample_every == 0) or step >= total_steps:
+                    path = os.path.join(args.out_dir, f"samples_epoch_{epoch:03d}.png")
+                    save_samples(net.eval(), path, args, device)
+                    net.train()
+                    log(f"wrote {path}")
+                save()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(130)
+
+    wall = time.perf_counter() - t_start
+    images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
+    train_loss = meter.last.get("loss", float("nan"))
+    net.eval()
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+               "train_loss": train_loss, "train_images_per_sec": images_per_sec,
+               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec else math.nan,
+               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
+    # Evaluation and pictures use the plain module, not the compiled one: their batch shapes vary
+    # (a compiled graph would recompile for each).
+    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
+    save_pictures(net, test_x, test_y, args, device)
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(metrics)} "
+        f"| {images_per_sec:,.0f} train img/s ({metrics['seconds_per_epoch']:.2f} s/epoch) "
+        f"| peak memory {metrics['peak_memory_mb']:.0f} MB")
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Evaluation on the held-out test split, and main()
 # ---------------------------------------------------------------------------------------
 
 def eval_data(test_x, args, device):
     """The test digits as the likelihood's data, drawn once with a fixed generator, so the
-    ELBO and the IWAE bound score the very same binary / dequantized images every time."""
+    ELBO, the IWAE bound and the pictures see the very same binary / dequantized images."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     return to_model_data(test_x, args.likelihood, args.binarize, generator=gen)
 
 
 @torch.no_grad()
-def evaluate(net, encode, decode, test_data, args, device):
+def evaluate(model_fn, model, test_x, args, device):
     """Held-out metrics in nats per image (beta = 1: the bound, whatever beta trained):
     negative ELBO = reconstruction + KL over the whole test split, and the IWAE NLL estimate
-    -L_K on the first --iw-images digits with K = --iw-samples. Gaussian: also bits/dim."""
+    -L_K on the first --iw-images digits with K = --iw-samples. Gaussian: also bits/dim.
+    model_fn: the forward pass x, eps -> out, mu, logvar; model: the VAE (likelihood, encode,
+    decode); test_x: the uint8 test images (N, 28, 28)."""
+    test_data = eval_data(test_x, args, device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     batch = max(args.batch_size, 256)
-    log_lik = net.log_likelihood
     recon, kl = [], []
     for i in range(0, len(test_data), batch):
         x = test_data[i:i + batch]
-        eps = torch.randn((x.shape[0], net.latent_dim), device=device, generator=gen)
-        r, k = elbo_terms(encode, decode, log_lik, x, eps)
+        eps = torch.randn((x.shape[0], model.latent_dim), device=device, generator=gen)
+        r, k = elbo_terms(model_fn, model, x, eps)
         recon.append(r)
         kl.append(k)
     recon, kl = torch.cat(recon), torch.cat(kl)
@@ -554,10 +644,11 @@ def evaluate(net, encode, decode, test_data, args, device):
         log(f"IWAE: {n} test images x K = {K} samples = {n * K:,} decoder calls "
             f"(--iw-images, --iw-samples set how many)")
         t0 = time.perf_counter()
-        log_lik_z = lambda x, z: log_lik(x, decode(z))  # noqa: E731  log p(x | z) from z
+        log_lik_z = lambda x, z: model.log_likelihood(x, model.decode(z))  # noqa: E731  log p(x | z) from z
         group = 16  # images per IWAE call; each call draws K samples in chunks of ~4096 rows
-        bounds = torch.cat([iwae_bound(encode, log_lik_z, test_data[i:min(i + group, n)], K, generator=gen)
-                            for i in range(0, n, group)])
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # the networks as model_fn runs them
+            bounds = torch.cat([iwae_bound(model.encode, log_lik_z, test_data[i:min(i + group, n)], K, generator=gen)
+                                for i in range(0, n, group)])
         m.update({"test_iwae_nll": -bounds.mean().item(), "test_iwae_k": K, "test_iwae_images": n,
                   "test_neg_elbo_iwae_images": neg_elbo[:n].mean().item()})
         if gaussian:
@@ -580,234 +671,6 @@ def summary(m):
     return s
 
 
-# ---------------------------------------------------------------------------------------
-# 8. Pictures
-# ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def save_samples(net, decode, n, seed, latent_dim, device, path):
-    """Decoder means of n prior samples z ~ N(0, I), the same z every call (a fixed generator),
-    so the grids of successive epochs show the same latent points."""
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    z = torch.randn((n, latent_dim), device=device, generator=gen)
-    save_image(net.mean(decode(z)).cpu(), path, nrow=int(math.ceil(math.sqrt(n))))
-
-
-@torch.no_grad()
-def save_reconstructions(net, encode, decode, test_data, path, n=16):
-    """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
-    the decoder means at the posterior means z = mu(x)."""
-    x = test_data[:2 * n]
-    mu, _ = encode(x)
-    recon = net.mean(decode(mu))
-    rows = [x[:n], recon[:n], x[n:], recon[n:]]
-    save_image(torch.cat(rows).cpu(), path, nrow=n)
-
-
-@torch.no_grad()
-def save_interpolation(net, encode, decode, test_data, path, pairs=8, steps=10):
-    """Each row walks in a straight line between the posterior means of two test digits,
-    z = (1 - a) mu(x1) + a mu(x2), a = 0 .. 1, and shows the decoder means."""
-    x = test_data[:2 * pairs]
-    mu, _ = encode(x)
-    a = torch.linspace(0, 1, steps, device=x.device).view(1, steps, 1)
-    z = (1 - a) * mu[:pairs, None] + a * mu[pairs:, None]           # (pairs, steps, L)
-    save_image(net.mean(decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
-
-
-@torch.no_grad()
-def save_manifold(net, decode, path, n=20):
-    """The learned 2-D manifold (Kingma & Welling fig. 4): an n x n grid of points evenly
-    spaced on the unit square, mapped through the inverse Gaussian CDF, so each cell covers
-    the same prior mass of N(0, I), and decoded to their means."""
-    q = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
-    v = (math.sqrt(2) * torch.erfinv(2 * q - 1)).float()            # Phi^-1(q)
-    zy, zx = torch.meshgrid(-v, v, indexing="ij")                   # z_2 grows upwards in the picture
-    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
-    device = next(net.parameters()).device
-    save_image(net.mean(decode(z.to(device))).cpu(), path, nrow=n, padding=0)
-
-
-# Ten distinguishable colours (the "tab10" palette), one per digit class 0..9.
-PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-                        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
-
-
-@torch.no_grad()
-def save_latent_space(encode, test_data, labels, path, size=280):
-    """Where the test digits land in a 2-D latent space, drawn without a plotting library:
-    each posterior mean mu(x) is a 3x3 dot in its class colour (PALETTE) on a white canvas.
-    The axes are Phi(z) in [0, 1], the coordinates of manifold.png, so both pictures align.
-    A strip of ten swatches under the canvas shows the colours of 0, 1, ..., 9 left to right."""
-    mu, _ = encode(test_data)
-    u = 0.5 * (1 + torch.erf(mu.cpu() / math.sqrt(2)))                # Phi(z) in (0, 1)
-    col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
-    row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
-    canvas = torch.ones(3, size + size // 10, size)
-    for dy in range(3):
-        for dx in range(3):
-            canvas[:, row + dy, col + dx] = PALETTE[labels.cpu()].T
-    for c in range(10):
-        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = PALETTE[c].view(3, 1, 1)
-    save_image(canvas, path)
-
-
-def save_pictures(net, encode, decode, test_data, test_y, args, device, prefix=""):
-    """Everything drawn at the end of a run (or by --eval-only)."""
-    paths = [os.path.join(args.out_dir, prefix + name) for name in ("reconstructions.png", "interpolation.png")]
-    save_reconstructions(net, encode, decode, test_data, paths[0])
-    save_interpolation(net, encode, decode, test_data, paths[1])
-    if args.latent_dim == 2:
-        paths.append(os.path.join(args.out_dir, prefix + "manifold.png"))
-        save_manifold(net, decode, paths[-1])
-        paths.append(os.path.join(args.out_dir, prefix + "latent_space.png"))
-        save_latent_space(encode, test_data, test_y, paths[-1])
-    log("wrote " + ", ".join(paths))
-
-
-# ---------------------------------------------------------------------------------------
-# 9. Training
-# ---------------------------------------------------------------------------------------
-
-def setup(args):
-    """Device, precision, compile and TF32 settings shared by training and evaluation."""
-    device = get_device(args.device)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
-    args.amp = (device.type == "cuda") if args.amp is None else args.amp
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def train(args):
-    device = setup(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "vae")
-        # The model and the data order come from the checkpoint; the flags for run length,
-        # logging, sampling, evaluation and hardware come from this command line.
-        for key, value in ckpt["config"].items():
-            if key in MODEL_KEYS or key in ("seed", "batch_size", "lr", "beta"):
-                setattr(args, key, value)
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or --out-dir for a new one")
-
-    torch.manual_seed(args.seed)
-    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
-    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
-    steps_per_epoch = len(train_x) // args.batch_size  # full batches only: step -> (epoch, batch) is exact
-    if steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-
-    net = build_model(vars(args)).to(device)
-    # Adam (Kingma & Ba 2015) at 1e-3, as in the PyTorch example VAE; the fused kernel does the
-    # whole update in one pass over the parameters (CUDA and, since torch 2.4, CPU).
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=device.type in ("cuda", "cpu"))
-    step = 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"], device)
-        log(f"resumed {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
-    # Training goes through the (optionally compiled) networks; evaluation and pictures use the
-    # plain modules, whose batch shapes vary (a compiled graph would recompile for each).
-    train_encode, train_decode = make_model_fns(net, device, args.amp, args.compile)
-    encode, decode = make_model_fns(net, device, args.amp)
-
-    n_params = sum(p.numel() for p in net.parameters())
-    sigma = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
-        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
-    log(f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{sigma}, "
-        f"beta {args.beta} | {len(train_x)} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
-
-    # No EMA of the weights here (ckpt "ema" is None): a VAE's samples do not need it, and the
-    # held-out bound is for the weights that were trained.
-    def checkpoint():
-        save_checkpoint({"kind": "vae", "version": CKPT_VERSION, "config": vars(args),
-                         "model": net.state_dict(), "ema": None, "optimizer": opt.state_dict(),
-                         "step": step, "epoch": step // steps_per_epoch, "rng": rng_state(device)}, ckpt_path)
-
-    train_loss = float("nan")
-    t_start = time.perf_counter()
-    t_log, step_log = t_start, step
-    steady_time, steady_images = 0.0, 0  # throughput after the first log interval (compile, warm-up)
-    first_interval = True
-    net.train()
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            perm = epoch_permutation(len(train_x), args.seed, epoch, device)
-            for i in range(step % steps_per_epoch, steps_per_epoch):
-                # index_select gathers the batch's rows; on CPU it is ~7x faster than x[idx]
-                x = to_model_data(train_x.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size]),
-                                  args.likelihood, args.binarize)
-                recon, kl = elbo_terms(train_encode, train_decode, net.log_likelihood, x)
-                loss = vae_loss(recon, kl, args.beta)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-
-                if step % args.log_every == 0 or step == total_steps:
-                    # the one host sync, at log time only: loss and its two terms for this batch
-                    train_loss, r, k = torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()]).tolist()
-                    now = time.perf_counter()
-                    speed = (step - step_log) * args.batch_size / (now - t_log)
-                    if not first_interval:
-                        steady_time += now - t_log
-                        steady_images += (step - step_log) * args.batch_size
-                    first_interval = False
-                    eta = (total_steps - step) * args.batch_size / speed
-                    log(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | loss {train_loss:.2f} "
-                        f"(recon {r:.2f} + {args.beta:g} x KL {k:.2f}) | {speed:,.0f} img/s | eta {eta / 60:.1f} min")
-                    t_log, step_log = now, step
-                if step >= total_steps:
-                    break
-            # End of an epoch (or of --max-steps): a grid every --sample-every epochs and at the
-            # end, then the checkpoint, so an interruption loses at most one epoch.
-            done = step // steps_per_epoch
-            last = step >= total_steps
-            t0 = time.perf_counter()
-            if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
-                path = os.path.join(args.out_dir, f"samples_epoch_{done:03d}.png")
-                net.eval()
-                save_samples(net, decode, args.num_samples, args.seed, args.latent_dim, device, path)
-                net.train()
-                log(f"wrote {path}")
-            checkpoint()
-            t_log += time.perf_counter() - t0  # pictures and checkpoint writes are not training throughput
-    except KeyboardInterrupt:
-        checkpoint()
-        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-        sys.exit(130)
-
-    wall = time.perf_counter() - t_start
-    images_per_sec = steady_images / steady_time if steady_time > 0 else (step * args.batch_size) / max(wall, 1e-9)
-    net.eval()
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
-               "train_loss": train_loss, "train_images_per_sec": images_per_sec,
-               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
-               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
-    test_data = eval_data(test_x, args, device)
-    metrics.update(evaluate(net, encode, decode, test_data, args, device))
-    save_pictures(net, encode, decode, test_data, test_y, args, device)
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(metrics)} "
-        f"| {images_per_sec:,.0f} train img/s ({metrics['seconds_per_epoch']:.2f} s/epoch) "
-        f"| peak memory {metrics['peak_memory_mb']:.0f} MB")
-
-
 def eval_only(args):
     """Evaluate out-dir/ckpt.pt: held-out negative ELBO, IWAE NLL, bits/dim, and the pictures."""
     device = setup(args)
@@ -817,104 +680,45 @@ def eval_only(args):
         setattr(args, key, ckpt["config"][key])
     net = build_model(ckpt["config"]).to(device).eval()
     net.load_state_dict(ckpt["model"])
-    encode, decode = make_model_fns(net, device, args.amp)
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']})")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
-    test_data = eval_data(test_x, args, device)
-    metrics.update(evaluate(net, encode, decode, test_data, args, device))
-    save_samples(net, decode, args.num_samples, args.seed, args.latent_dim, device,
-                 os.path.join(args.out_dir, "eval_samples.png"))
-    save_pictures(net, encode, decode, test_data, test_y, args, device, prefix="eval_")
+    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
+    save_samples(net, os.path.join(args.out_dir, "eval_samples.png"), args, device)
+    save_pictures(net, test_x, test_y, args, device, prefix="eval_")
     log(summary(metrics))
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(metrics, os.path.join(args.out_dir, "eval.json"))
 
 
-# ---------------------------------------------------------------------------------------
-# 10. Command line
-# ---------------------------------------------------------------------------------------
-
-def number_at_least(convert, minimum, strict=False):
-    """An argparse type: `convert` the text (int or float) and check it is >= minimum (> if
-    strict) and finite, with one clear message either way."""
-    kind = "an integer" if convert is int else "a number"
-    bound = f"{'>' if strict else '>='} {minimum}"
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}")
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text}")
-        return value
-
-    return parse
+def main(argv=None):
+    args = parse_args(argv)
+    if args.eval_only:
+        eval_only(args)
+    else:
+        train(args)
 
 
-positive_int = number_at_least(int, 1)
-nonneg_int = number_at_least(int, 0)
-positive_float = number_at_least(float, 0, strict=True)
+# =======================================================================================
+# Appendix: plumbing. Nothing below this line is about the model.
+# =======================================================================================
+# The same helpers, in the same order, close every training script of this project: the
+# command line, device and precision, data, random state and checkpoints, the log.
 
 
-def sigma_value(text):
-    """--sigma: 'learned', or a fixed positive standard deviation."""
-    if text == "learned":
-        return text
-    try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'learned' or a positive number, got {text!r}")
-
-
-def make_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Train or evaluate a VAE on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
-    g.add_argument("--out-dir", default="out/vae", help="checkpoint, pictures, metrics.json")
-    g.add_argument("--epochs", type=positive_int, default=50)
-    g.add_argument("--batch-size", type=positive_int, default=128)
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the encoder and decoder (default: on for CUDA only)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the networks (default: on for CUDA only)")
-    g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
-    g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between prior-sample grids")
-    g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
-    g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
-    g.add_argument("--iw-samples", type=nonneg_int, default=5000,
-                   help="K of the IWAE bound for the held-out NLL estimate (0 skips it)")
-    g.add_argument("--iw-images", type=nonneg_int, default=1000,
-                   help="test images for the IWAE bound (K decoder calls each; 0 skips it)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="encoder/decoder networks")
-    g.add_argument("--latent-dim", type=positive_int, default=20, help="L, the size of z (2 also draws the manifold)")
-    g.add_argument("--hidden-dim", type=positive_int, default=400, help="MLP hidden layer width")
-    g.add_argument("--channels", type=positive_int, default=32, help="CNN width: c and 2c channels at 14x14 and 7x7")
-    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli", help="p(x | z)")
-    g.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
-                   help="bernoulli: dynamically binarize the data (default on; without it the nats are "
-                        "not a likelihood)")
-    g.add_argument("--sigma", type=sigma_value, default=None,
-                   help="gaussian: fixed decoder std on the [0, 1] scale, or 'learned' (per pixel, by the "
-                        "decoder; the default)")
-    g.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE); 1 is the ELBO")
-    return p
+CKPT_VERSION = 1
 
 
 def parse_args(argv=None):
+    """The knobs at the top of the file, read from the command line; bad input is one line."""
     parser = make_parser()
-    parser.error = fail  # argparse's own errors as one line too
+    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
     args = parser.parse_args(argv)
-    # Each likelihood has its own knob; one given to the other would be silently ignored.
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Each likelihood has its own knob; one given to the other would be silently ignored."""
     if args.likelihood == "bernoulli":
         if args.sigma is not None:
             fail("--sigma applies to --likelihood gaussian")
@@ -924,15 +728,236 @@ def parse_args(argv=None):
             fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
         args.binarize = False
         args.sigma = "learned" if args.sigma is None else args.sigma
-    return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.eval_only:
-        eval_only(args)
-    else:
-        train(args)
+def number_at_least(convert, minimum, strict=False):
+    """An argparse type: a finite int or float that is >= minimum (> if strict)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind} {'>' if strict else '>='} {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number_at_least(int, 1)
+nonneg_int = number_at_least(int, 0)
+positive_float = number_at_least(float, 0, strict=True)
+
+
+def sigma_value(text):
+    """--sigma: 'learned', or a fixed positive standard deviation, kept as the text given
+    (one type, str, in args and in checkpoints; the VAE converts it with float())."""
+    if text != "learned":
+        try:
+            positive_float(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected 'learned' or a positive number, got {text!r}")
+    return text
+
+
+def make_out_dir(path):
+    """Create --out-dir once all input is checked (bad input leaves no folder) and prove it writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, ".write_test"), "w").close()
+        os.remove(os.path.join(path, ".write_test"))
+    except OSError as e:
+        fail(f"cannot write to --out-dir {path}: {e.strerror or e}")
+
+
+def setup(args):
+    """The device, and what depends on it: compile and bf16 default on for CUDA only, TF32 on."""
+    device = get_device(args.device)
+    args.compile = (device.type == "cuda") if args.compile is None else args.compile
+    args.amp = (device.type == "cuda") if args.amp is None else args.amp
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        fail(f"--device {name} asked, but it is not available")
+    return torch.device(name)
+
+
+def make_model_fn(net, device, amp, compile=False):
+    """net(*inputs), torch.compile'd if asked, in bf16 autocast if amp, with the output(s) back
+    in float32, so that all the math around the network stays fp32."""
+    run = torch.compile(net) if compile else net
+
+    def model_fn(*inputs):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = run(*inputs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+    return model_fn
+
+
+def fused_adam_ok(device):
+    return device.type in ("cuda", "cpu")  # one kernel for the whole update (CPU since torch 2.4)
+
+
+def describe(device):
+    return torch.cuda.get_device_name() if device.type == "cuda" else device.type
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def load_mnist(data_dir, train, device):
+    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
+             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in "
+             f"{os.path.join(data_dir, 'MNIST', 'raw')}/ or point --data-dir at a folder that has them")
+    return ds.data.to(device), ds.targets.to(device)
+
+
+def run_length(args, n_train):
+    """(steps per epoch, total steps). Full batches only, so step -> (epoch, batch) is exact."""
+    steps_per_epoch = n_train // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+
+def epoch_batches(images, step, steps_per_epoch, args):
+    """The rest of the epoch that `step` is in, as uint8 batches, in an order seeded by (seed,
+    epoch): a resumed run sees exactly the batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + step // steps_per_epoch)
+    perm = torch.randperm(len(images), generator=g).to(images.device)
+    for i in range(step % steps_per_epoch, steps_per_epoch):  # index_select: ~7x faster than [] on CPU
+        yield images.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size])
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type in ("cuda", "mps"):
+        state[device.type] = getattr(torch, device.type).get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type in ("cuda", "mps") and device.type in state:
+        getattr(torch, device.type).set_rng_state(state[device.type])
+
+
+def start_or_resume(args, kind, resumed_keys):
+    """--resume: the checkpoint in --out-dir, whose resumed_keys (the model, the data order, the
+    optimizer's settings) replace the command line's. Else None, and never overwrite one."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(path):
+            fail(f"{path} exists: pass --resume to continue that run, or --out-dir for a new one")
+        return None
+    ckpt = load_checkpoint(path, kind)
+    for key in set(resumed_keys) & set(ckpt["config"]):
+        setattr(args, key, ckpt["config"][key])
+    return ckpt
+
+
+def restore(ckpt, device, **objects):
+    """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step."""
+    for key, obj in objects.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"], device)
+    log(f"resumed at step {ckpt['step']} (epoch {ckpt['epoch']})")
+    return ckpt["step"]
+
+
+def save_checkpoint(path, kind, args, step, epoch, device, **objects):
+    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one."""
+    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
+             "rng": rng_state(device), **{k: None if v is None else v.state_dict() for k, v in objects.items()}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, kind):
+    """A checkpoint of this kind, loaded as data (weights_only=True: no code in it runs)."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint (kind: {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
+    if ckpt.get("version", 0) > CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    return ckpt
+
+
+class Meter:
+    """The log line. Per-image losses are summed on the device and read once per line (a sync
+    every step would stall a GPU): each figure is a mean since the last line, per group if
+    asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
+
+    def __init__(self, step, total_steps, steps_per_epoch, args, device):
+        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
+        self.device, self.sums, self.last, self.first = device, {}, {}, True
+        self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
+
+    def add(self, name, values, group=None, groups=1):
+        if name not in self.sums:  # row 0: sums, row 1: counts
+            self.sums[name] = torch.zeros(2, groups, device=self.device)
+        index = torch.zeros_like(values, dtype=torch.long) if group is None else group
+        self.sums[name][0].index_add_(0, index, values.detach().float())
+        self.sums[name][1].index_add_(0, index, torch.ones_like(values, dtype=torch.float))
+
+    def tick(self, step):
+        if step % self.every and step != self.total:
+            return
+        means = {k: (s[0] / s[1].clamp(min=1)).tolist() for k, s in self.sums.items()}  # the one host sync
+        for s in self.sums.values():
+            s.zero_()
+        self.last = {k: m[0] if len(m) == 1 else m for k, m in means.items()}
+        now, images = time.perf_counter(), (step - self.step_log) * self.batch
+        if not self.first:
+            self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
+        speed, self.first = images / max(now - self.t_log, 1e-9), False
+        figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
+        log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
+            f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
+        self.t_log, self.step_log = now, step
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.t_log += time.perf_counter() - t0
+
+    def images_per_sec(self, images, wall):
+        """Steady training throughput; before the second log line, all images over the wall time."""
+        return self.steady_images / self.steady_time if self.steady_time > 0 else images / max(wall, 1e-9)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def fail(message):
+    """Stop with one clear line on stderr: bad input is not a traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(msg):
+    print(msg, flush=True)
 
 
 if __name__ == "__main__":

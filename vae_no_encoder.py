@@ -35,11 +35,13 @@ samples_standard.png and samples_fitted.png (decoded draws from each prior), met
 (config, losses, held-out noise MSE, x MSE and the negative ELBO in bits/dim for both priors,
 speed). --sweep writes sweep.png and sweep.json to --out-dir.
 
-Reading order: networks -> corruption and what the network predicts -> the ELBO and its
-reduction to noise prediction -> priors -> held-out bound -> generation -> helpers ->
-training loop -> sweep -> main() -> closing notes (what this tells us, how DDPM fixes it).
+Reading order: the knobs (make_parser) -> networks -> corruption and what the network predicts
+-> the ELBO and its reduction to noise prediction -> priors -> held-out bound -> generation ->
+training loop -> evaluation, sweep, main() -> closing notes (what this tells us, how DDPM fixes
+it) -> appendix (plumbing: command line, device, data, checkpoints, the log).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,21 +51,49 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torchvision.utils import make_grid, save_image
 
 from unet import UNet
 
-CKPT_VERSION = 1
-PROG = "vae_no_encoder.py"
 D = 28 * 28  # pixels per image: the "dim" of bits/dim
 
 
-def fail(message):
-    """Stop with one clear line on stderr (bad input is not a traceback)."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def make_parser():
+    p = argparse.ArgumentParser(description="Train a decoder-only VAE (fixed one-step Gaussian corruption) "
+                                "on MNIST, or compare trained runs with --sweep.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
+    g.add_argument("--out-dir", default="out/vae_no_encoder", help="checkpoint, pictures, metrics.json (or sweep.*)")
+    g.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
+    g.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate")
+    g.add_argument("--seed", type=int, default=0, help="weights, data order, noise, pictures")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (default: on for CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the network (default: on for CUDA only)")
+    g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
+    g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
+    g.add_argument("--sweep", nargs="+", metavar="DIR", default=None,
+                   help="instead of training: compare the runs in these folders (one per noise level / arch); "
+                        "writes sweep.png and sweep.json to --out-dir")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--alpha-bar", type=open_unit_interval, default=0.9,
+                   help="noise level a of q(z|x) = N(sqrt(a) x, (1 - a) I), in (0, 1): 1 is no noise, 0 all noise")
+    g.add_argument("--arch", choices=["cnn", "unet"], default="cnn",
+                   help="decoder: plain CNN without skip connections, or unet.py's U-Net without time conditioning")
+    g.add_argument("--channels", type=positive_int, default=16, help="width of the first level of either network")
+    g.add_argument("--pred", choices=["eps", "x0"], default="eps",
+                   help="what the network predicts: the noise or the digit")
+    g.add_argument("--prior", choices=["standard", "fitted"], default="fitted",
+                   help="prior for the samples_epoch_NNN.png grids (the final pictures and metrics use both)")
+    return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,13 +158,15 @@ class NoEncoderVAE(nn.Module):
     they travel in the checkpoint's state_dict:
       prior_mean, prior_std  (1, 1, 28, 28)  the fitted prior (section 4); N(0, I) is fixed
       log_sigma              ()              the decoder's standard deviation (section 3)
-    The noise level a and the prediction target are plain config values, not tensors."""
+    The noise level a and the prediction target are plain config values, not tensors.
+    No EMA of the weights here (the checkpoint's "ema" is None): one noise level and a few
+    minutes of training; ddpm.py is where the averaged weights earn their keep."""
 
-    def __init__(self, arch="cnn", channels=32, alpha_bar=0.9, pred="eps"):
+    def __init__(self, arch="cnn", channels=32, alpha_bar=0.9, parameterization="eps"):
         super().__init__()
         self.net = make_network(arch, channels)
         self.alpha_bar = float(alpha_bar)
-        self.pred = pred
+        self.parameterization = parameterization
         self.register_buffer("prior_mean", torch.zeros(1, 1, 28, 28))
         self.register_buffer("prior_std", torch.ones(1, 1, 28, 28))
         self.register_buffer("log_sigma", torch.zeros(()))
@@ -143,9 +175,25 @@ class NoEncoderVAE(nn.Module):
         return self.net(z)
 
 
+MODEL_KEYS = ("arch", "channels", "alpha_bar", "pred")
+RESUMED_KEYS = MODEL_KEYS + ("seed", "batch_size", "lr")  # --resume takes these from the checkpoint
+
+
+def build_model(config):
+    """The model described by a config dict (the argparse namespace, or a checkpoint's).
+    Its buffers (fitted prior, decoder sigma) come from the checkpoint's state_dict."""
+    return NoEncoderVAE(arch=config["arch"], channels=config["channels"], alpha_bar=config["alpha_bar"],
+                        parameterization=config["pred"])
+
+
 # ---------------------------------------------------------------------------------------
 # 2. The fixed "encoder" and what the network predicts
 # ---------------------------------------------------------------------------------------
+
+def to_model_range(images_u8):
+    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]: x = k / 127.5 - 1."""
+    return images_u8.unsqueeze(1).float() / 127.5 - 1
+
 
 def corrupt(x, a, eps):
     """z ~ q(z | x) = N(sqrt(a) x, (1 - a) I) by reparameterisation (Ho et al. 2020, eq. 4 at one t):
@@ -155,7 +203,7 @@ def corrupt(x, a, eps):
     return math.sqrt(a) * x + math.sqrt(1 - a) * eps
 
 
-def predict_x0_eps(z, out, a, pred):
+def predict_x0_eps(a, z, out, parameterization):
     """Turn the network output into (x0_hat, eps_hat), the two being tied by z:
 
     eps: the network predicts the noise; x0_hat = (z - sqrt(1 - a) eps_hat) / sqrt(a)
@@ -173,14 +221,14 @@ def predict_x0_eps(z, out, a, pred):
     its errors are not divided down: an eps-error becomes an x-error sqrt((1 - a)/a) times its
     size, small when a is near 1, large when a is near 0, where predicting x0 directly is the
     better-conditioned choice (and eps-prediction magnifies every slip)."""
-    if pred == "eps":
+    if parameterization == "eps":
         eps = out
         x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
-    elif pred == "x0":
+    elif parameterization == "x0":
         x0 = out
         eps = (z - math.sqrt(a) * x0) / math.sqrt(1 - a)
     else:
-        raise ValueError(f"unknown prediction target {pred!r}: use 'eps' or 'x0'")
+        raise ValueError(f"unknown prediction target {parameterization!r}: use 'eps' or 'x0'")
     return x0, eps
 
 
@@ -212,17 +260,17 @@ def predict_x0_eps(z, out, a, pred):
 # the weight is one constant and can be dropped. For a given network the best sigma is the
 # root of the mean squared x-error, fitted in closed form after training (fit_decoder_sigma).
 
-def gaussian_kl(mean1, var1, mean2, var2):
-    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats:
-        1/2 [ log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1 ]."""
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def prior_kl(x, a, prior_mean, prior_std):
     """KL(q(z | x) || p(z)) per image, summed over pixels: (B, 1, 28, 28) -> (B,).
     q(z|x) = N(sqrt(a) x, 1 - a) and p(z) = N(prior_mean, prior_std^2), both per pixel."""
-    var_q = torch.full_like(x, 1 - a)
-    return gaussian_kl(math.sqrt(a) * x, var_q, prior_mean.expand_as(x), prior_std.expand_as(x) ** 2).sum(dim=(1, 2, 3))
+    logvar_q = torch.full_like(x, math.log(1 - a))
+    return normal_kl(math.sqrt(a) * x, logvar_q, prior_mean, 2 * torch.log(prior_std)).sum(dim=(1, 2, 3))
 
 
 def reconstruction_nll_from_noise(eps, eps_hat, a, log_sigma):
@@ -240,7 +288,7 @@ def negative_elbo(x, eps, eps_hat, a, log_sigma, prior_mean, prior_std):
     return reconstruction_nll_from_noise(eps, eps_hat, a, log_sigma) + prior_kl(x, a, prior_mean, prior_std)
 
 
-def noise_prediction_loss(model_fn, x, a, pred, generator=None):
+def noise_prediction_loss(model_fn, x, a, parameterization, generator=None):
     """The training loss, per image: mean over pixels of ||eps - eps_hat||^2.  (B,1,28,28) -> (B,)
 
     For --pred x0 the same number is computed from the x-error: ||eps - eps_hat||^2 =
@@ -249,11 +297,27 @@ def noise_prediction_loss(model_fn, x, a, pred, generator=None):
     eps = torch.randn(x.shape, device=x.device, generator=generator)
     z = corrupt(x, a, eps)
     out = model_fn(z)
-    if pred == "eps":
+    if parameterization == "eps":
         return ((out - eps) ** 2).mean(dim=(1, 2, 3))
-    if pred == "x0":
+    if parameterization == "x0":
         return a / (1 - a) * ((out - x) ** 2).mean(dim=(1, 2, 3))
-    raise ValueError(f"unknown prediction target {pred!r}: use 'eps' or 'x0'")
+    raise ValueError(f"unknown prediction target {parameterization!r}: use 'eps' or 'x0'")
+
+
+@torch.no_grad()
+def fit_decoder_sigma(model_fn, model, train_x, args, device):
+    """log sigma of the decoder: the maximum-likelihood scalar for a Gaussian decoder,
+    sigma^2 = mean squared error ||x - x0_hat||^2 / D over the training digits (one z each)."""
+    a, batch = model.alpha_bar, max(args.batch_size, 256)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+    total, count = 0.0, 0
+    for i in range(0, len(train_x), batch):
+        x = to_model_range(train_x[i:i + batch])
+        z = corrupt(x, a, torch.randn(x.shape, device=x.device, generator=generator))
+        x0_hat, _ = predict_x0_eps(a, z, model_fn(z), model.parameterization)
+        total += ((x - x0_hat) ** 2).sum().item()
+        count += x.numel()
+    return 0.5 * math.log(total / count)
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +379,7 @@ def log_normal_cdf_diff(lo, hi):
     In the right tail Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi) keeps both CDFs small."""
     flip = lo > 0
     a, b = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
-    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    log_a, log_b = log_ndtr(a), log_ndtr(b)
     return log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-12)))
 
 
@@ -324,40 +388,157 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     inv_scale = torch.exp(-log_scale)
     lo = (x - mean - 1.0 / 255) * inv_scale
     hi = (x - mean + 1.0 / 255) * inv_scale
-    log_cdf_hi = torch.special.log_ndtr(hi)
-    log_sf_lo = torch.special.log_ndtr(-lo)
+    log_cdf_hi = log_ndtr(hi)
+    log_sf_lo = log_ndtr(-lo)
     mid = log_normal_cdf_diff(lo, hi)
     return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_sf_lo, mid))
 
 
+# ---------------------------------------------------------------------------------------
+# 6. Generation: decode a draw from the prior
+# ---------------------------------------------------------------------------------------
+
 @torch.no_grad()
-def fit_decoder_sigma(model_fn, train_x, a, pred, batch, generator):
-    """log sigma of the decoder: the maximum-likelihood scalar for a Gaussian decoder,
-    sigma^2 = mean squared error ||x - x0_hat||^2 / D over the training digits (one z each)."""
-    total, count = 0.0, 0
-    for i in range(0, len(train_x), batch):
-        x = to_model_range(train_x[i:i + batch])
-        z = corrupt(x, a, torch.randn(x.shape, device=x.device, generator=generator))
-        x0_hat, _ = predict_x0_eps(z, model_fn(z), a, pred)
-        total += ((x - x0_hat) ** 2).sum().item()
-        count += x.numel()
-    return 0.5 * math.log(total / count)
+def generate(model_fn, model, n, prior, generator=None):
+    """n samples in [-1, 1]: z ~ p(z), then the decoder mean x0_hat(z) (not mean + sigma noise:
+    sigma is the size of the decoder's error, and adding it would only show speckle)."""
+    mean, std = prior_params(model, prior)
+    z = mean + std * torch.randn((n, 1, 28, 28), device=mean.device, generator=generator)
+    x0_hat, _ = predict_x0_eps(model.alpha_bar, z, model_fn(z), model.parameterization)
+    return x0_hat.clamp(-1, 1), z
 
 
 @torch.no_grad()
-def evaluate(model_fn, model, test_x, batch, generator):
+def denoise(model_fn, model, x, generator=None):
+    """(z, x0_hat) for clean digits x: corrupt once, decode once."""
+    z = corrupt(x, model.alpha_bar, torch.randn(x.shape, device=x.device, generator=generator))
+    x0_hat, _ = predict_x0_eps(model.alpha_bar, z, model_fn(z), model.parameterization)
+    return z, x0_hat.clamp(-1, 1)
+
+
+def to_image(x):
+    """[-1, 1] -> [0, 1] for save_image (z can leave [-1, 1]: clipped for display)."""
+    return ((x + 1) / 2).clamp(0, 1).cpu()
+
+
+def save_samples(model_fn, model, args, device, epoch):
+    """samples_epoch_NNN.png: 64 decoded draws from --prior, from the same z every epoch (seed + 1)."""
+    path = os.path.join(args.out_dir, f"samples_epoch_{epoch:03d}.png")
+    model.eval()
+    samples, _ = generate(model_fn, model, 64, args.prior, torch.Generator(device=device).manual_seed(args.seed + 1))
+    save_image(to_image(samples), path, nrow=8)
+    model.train()
+    log(f"wrote {path} ({args.prior} prior)")
+
+
+def save_pictures(model_fn, model, test_x, args, device):
+    """denoise.png (test digits / z / reconstruction, 16 columns) and one grid per prior."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 4)
+    x = to_model_range(test_x[:16])
+    z, x_hat = denoise(model_fn, model, x, gen)
+    paths = [os.path.join(args.out_dir, "denoise.png")]
+    save_image(to_image(torch.cat([x, z, x_hat])), paths[0], nrow=16)
+    for prior in ("standard", "fitted"):
+        samples, _ = generate(model_fn, model, 64, prior, gen)
+        paths.append(os.path.join(args.out_dir, f"samples_{prior}.png"))
+        save_image(to_image(samples), paths[-1], nrow=8)
+    for path in paths:
+        log(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Training
+# ---------------------------------------------------------------------------------------
+
+def train(args):
+    device = setup(args)
+    ckpt = start_or_resume(args, "vae_no_encoder", RESUMED_KEYS)
+    torch.manual_seed(args.seed)
+    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
+    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
+    steps_per_epoch, total_steps = run_length(args, len(train_x))
+    make_out_dir(args.out_dir)  # only now: bad input leaves no folder behind
+    a = args.alpha_bar
+    model = build_model(vars(args)).to(device)
+    # The fitted prior depends only on the training digits and a: computed once, kept as buffers.
+    prior_mean, prior_std = prior_at(*fit_prior(to_model_range(train_x)), a)
+    model.prior_mean.copy_(prior_mean), model.prior_std.copy_(prior_std)
+    opt = torch.optim.AdamW(model.net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
+    step = restore(ckpt, device, model=model, optimizer=opt) if ckpt else 0
+    model_fn = make_model_fn(model.net, device, args.amp, args.compile)
+    n_params = sum(p.numel() for p in model.net.parameters())
+    log(f"vae_no_encoder: {n_params / 1e6:.3f}M parameters ({args.arch}, {args.channels} channels), "
+        f"alpha_bar={a} (snr {a / (1 - a):.3g}), pred={args.pred}, prior={args.prior} | {len(train_x)} train images, "
+        f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, "
+        f"compile={args.compile}, amp={args.amp}")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+    def save():
+        save_checkpoint(ckpt_path, "vae_no_encoder", args, step, step // steps_per_epoch, device,
+                        model=model, ema=None, optimizer=opt)
+
+    t_start, first_step = time.perf_counter(), step
+    meter = Meter(step, total_steps, steps_per_epoch, args, device)
+    model.train()
+    try:
+        while step < total_steps:
+            for images in epoch_batches(train_x, step, steps_per_epoch, args):
+                per_image_loss = noise_prediction_loss(model_fn, to_model_range(images), a, args.pred)
+                opt.zero_grad(set_to_none=True)
+                per_image_loss.mean().backward()
+                opt.step()
+                step += 1
+                meter.add("eps-MSE", per_image_loss)
+                meter.tick(step)
+                if step >= total_steps:
+                    break
+            with meter.paused():  # pictures and checkpoint writes are not training throughput
+                epoch = step // steps_per_epoch
+                if (step % steps_per_epoch == 0 and epoch % args.sample_every == 0) or step >= total_steps:
+                    save_samples(model_fn, model, args, device, epoch)
+                save()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(130)
+    wall = time.perf_counter() - t_start
+    images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
+    model.eval()
+    model.log_sigma.fill_(fit_decoder_sigma(model_fn, model, train_x, args, device))  # section 3, closed form
+    save()  # again, now with the fitted decoder sigma
+    train_loss = meter.last.get("eps-MSE", float("nan"))
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_loss": train_loss,
+               "train_images_per_sec": images_per_sec,
+               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec > 0 else None,
+               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
+    metrics.update(evaluate(model_fn, model, test_x, args, device))
+    save_pictures(model_fn, model, test_x, args, device)
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
+    log(f"done: {step} steps in {wall / 60:.1f} min | train eps-MSE {train_loss:.4f} "
+        f"| {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
+    log(summary(metrics))
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Evaluation, the sweep over noise levels, main()
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model_fn, model, test_x, args, device):
     """Held-out metrics over the whole test split, one z per digit:
     test_eps_mse  the training loss (mean over pixels of the squared noise error)
     test_x_mse    mean squared error of the reconstruction x0_hat, per pixel, on [-1, 1]
     test_bpd_standard / test_bpd_fitted   -ELBO in bits/dim with each prior: the discretized
                   decoder term (the same for both) + KL(q(z|x) || p(z)) (the only difference)."""
-    a, pred = model.alpha_bar, model.pred
+    a, batch = model.alpha_bar, max(args.batch_size, 256)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 3)
     sums = {"eps_mse": 0.0, "x_mse": 0.0, "recon": 0.0, "kl_standard": 0.0, "kl_fitted": 0.0}
     for i in range(0, len(test_x), batch):
         x = to_model_range(test_x[i:i + batch])
         eps = torch.randn(x.shape, device=x.device, generator=generator)
         z = corrupt(x, a, eps)
-        x0_hat, eps_hat = predict_x0_eps(z, model_fn(z), a, pred)
+        x0_hat, eps_hat = predict_x0_eps(a, z, model_fn(z), model.parameterization)
         recon = -discretized_gaussian_log_likelihood(x, x0_hat.clamp(-1, 1), model.log_sigma)
         sums["eps_mse"] += ((eps - eps_hat) ** 2).mean(dim=(1, 2, 3)).sum().item()
         sums["x_mse"] += ((x - x0_hat) ** 2).mean(dim=(1, 2, 3)).sum().item()
@@ -382,319 +563,6 @@ def summary(m):
             f"{m['test_bpd_kl_standard']:.3f} / {m['test_bpd_kl_fitted']:.3f})")
 
 
-# ---------------------------------------------------------------------------------------
-# 6. Generation: decode a draw from the prior
-# ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def generate(model_fn, model, n, prior, generator=None):
-    """n samples in [-1, 1]: z ~ p(z), then the decoder mean x0_hat(z) (not mean + sigma noise:
-    sigma is the size of the decoder's error, and adding it would only show speckle)."""
-    mean, std = prior_params(model, prior)
-    z = mean + std * torch.randn((n, 1, 28, 28), device=mean.device, generator=generator)
-    x0_hat, _ = predict_x0_eps(z, model_fn(z), model.alpha_bar, model.pred)
-    return x0_hat.clamp(-1, 1), z
-
-
-@torch.no_grad()
-def denoise(model_fn, model, x, generator=None):
-    """(z, x0_hat) for clean digits x: corrupt once, decode once."""
-    z = corrupt(x, model.alpha_bar, torch.randn(x.shape, device=x.device, generator=generator))
-    x0_hat, _ = predict_x0_eps(z, model_fn(z), model.alpha_bar, model.pred)
-    return z, x0_hat.clamp(-1, 1)
-
-
-def to_image(x):
-    """[-1, 1] -> [0, 1] for save_image (z can leave [-1, 1]: clipped for display)."""
-    return ((x + 1) / 2).clamp(0, 1).cpu()
-
-
-def save_pictures(model_fn, model, test_x, args, device, prefix=""):
-    """denoise.png (test digits / z / reconstruction, 16 columns) and one grid per prior."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 4)
-    x = to_model_range(test_x[:16])
-    z, x_hat = denoise(model_fn, model, x, gen)
-    paths = [os.path.join(args.out_dir, f"{prefix}denoise.png")]
-    save_image(to_image(torch.cat([x, z, x_hat])), paths[0], nrow=16)
-    for prior in ("standard", "fitted"):
-        samples, _ = generate(model_fn, model, 64, prior, gen)
-        paths.append(os.path.join(args.out_dir, f"{prefix}samples_{prior}.png"))
-        save_image(to_image(samples), paths[-1], nrow=8)
-    return paths
-
-
-# ---------------------------------------------------------------------------------------
-# 7. Model, device, data, checkpoint: small helpers, the same shape in every script
-# ---------------------------------------------------------------------------------------
-# No EMA of the weights here (the checkpoint's "ema" is None): one noise level and a few
-# minutes of training; ddpm.py is where the averaged weights earn their keep.
-
-MODEL_KEYS = ("arch", "channels", "alpha_bar", "pred")
-
-
-def build_model(config):
-    """The model described by a config dict (the argparse namespace, or a checkpoint's).
-    Its buffers (fitted prior, decoder sigma) come from the checkpoint's state_dict."""
-    return NoEncoderVAE(arch=config["arch"], channels=config["channels"], alpha_bar=config["alpha_bar"],
-                        pred=config["pred"])
-
-
-def make_model_fn(net, device, amp):
-    """net(z) with the network in bf16 autocast (if amp) and the output back in float32, so
-    that the corruption, the loss and the bound stay fp32."""
-    def model_fn(z):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            return net(z).float()
-    return model_fn
-
-
-def get_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked, but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps asked, but MPS is not available")
-    return torch.device(name)
-
-
-def load_mnist(data_dir, train, device):
-    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
-    try:
-        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
-    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
-        raw = os.path.join(data_dir, "MNIST", "raw")
-        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
-             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in {raw}/ "
-             f"or point --data-dir at a folder that has them (e.g. --data-dir ../shared/mnist)")
-    return ds.data.to(device), ds.targets.to(device)
-
-
-def to_model_range(images_u8):
-    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]: x = k / 127.5 - 1."""
-    return images_u8.unsqueeze(1).float() / 127.5 - 1
-
-
-def epoch_permutation(n, seed, epoch, device):
-    """The order of the training images in one epoch. Drawn from its own generator seeded by
-    (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).to(device)
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def save_checkpoint(state, path):
-    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, kind):
-    """Load a checkpoint as data (weights_only=True: no code runs) and check it is ours."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        fail(f"{path} is not a {kind} checkpoint (kind: {found!r})")
-    if ckpt.get("version", 0) > CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
-    return ckpt
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def describe(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return device.type
-
-
-def setup(args):
-    """Device, precision, compile and TF32 settings shared by training and the sweep."""
-    device = get_device(args.device)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
-    args.amp = (device.type == "cuda") if args.amp is None else args.amp
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-# ---------------------------------------------------------------------------------------
-# 8. Training
-# ---------------------------------------------------------------------------------------
-
-def train(args):
-    device = setup(args)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "vae_no_encoder")
-        # The model and the data order come from the checkpoint; run length, logging and
-        # hardware from this command line.
-        for key, value in ckpt["config"].items():
-            if key in MODEL_KEYS or key in ("seed", "batch_size", "lr"):
-                setattr(args, key, value)
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or --out-dir for a new one")
-
-    torch.manual_seed(args.seed)
-    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
-    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
-    steps_per_epoch = len(train_x) // args.batch_size  # full batches only: step -> (epoch, batch) is exact
-    if steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    os.makedirs(args.out_dir, exist_ok=True)  # only now: bad input leaves no folder behind
-
-    a = args.alpha_bar
-    model = build_model(vars(args)).to(device)
-    # The fitted prior depends only on the training digits and a: computed once, kept as buffers.
-    data_mean, data_std = fit_prior(to_model_range(train_x))
-    prior_mean, prior_std = prior_at(data_mean, data_std, a)
-    model.prior_mean.copy_(prior_mean)
-    model.prior_std.copy_(prior_std)
-    # fused: the whole update in one kernel over the parameters (CUDA and, since torch 2.4, CPU)
-    opt = torch.optim.AdamW(model.net.parameters(), lr=args.lr, weight_decay=0.0,
-                            fused=device.type in ("cuda", "cpu"))
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"], device)
-        log(f"resumed {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
-    model_fn = make_model_fn(torch.compile(model.net) if args.compile else model.net, device, args.amp)
-
-    n_params = sum(p.numel() for p in model.net.parameters())
-    log(f"vae_no_encoder: {n_params / 1e6:.3f}M parameters ({args.arch}, {args.channels} channels), "
-        f"alpha_bar={a} (snr {a / (1 - a):.3g}), pred={args.pred}, prior={args.prior} | {len(train_x)} train images, "
-        f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, "
-        f"compile={args.compile}, amp={args.amp}")
-
-    def checkpoint():
-        save_checkpoint({"kind": "vae_no_encoder", "version": CKPT_VERSION, "config": vars(args),
-                         "model": model.state_dict(), "ema": None, "optimizer": opt.state_dict(),
-                         "step": step, "epoch": step // steps_per_epoch, "rng": rng_state(device)}, ckpt_path)
-
-    loss_sum = torch.zeros((), device=device)  # on the device: no host sync until a log line
-    loss_cnt = 0
-    train_loss = float("nan")
-    t_start = time.perf_counter()
-    t_log, step_log = t_start, step
-    steady_time, steady_images = 0.0, 0  # throughput after the first log interval (compile, warm-up)
-    first_interval = True
-    model.train()
-    try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            perm = epoch_permutation(len(train_x), args.seed, epoch, device)
-            for i in range(step % steps_per_epoch, steps_per_epoch):
-                x = to_model_range(train_x.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size]))
-                loss = noise_prediction_loss(model_fn, x, a, args.pred).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_sum += loss.detach()
-                loss_cnt += 1
-                if step % args.log_every == 0 or step == total_steps:
-                    train_loss = (loss_sum / loss_cnt).item()  # the one host sync, at log time only
-                    loss_sum.zero_()
-                    loss_cnt = 0
-                    now = time.perf_counter()
-                    speed = (step - step_log) * args.batch_size / (now - t_log)
-                    if not first_interval:
-                        steady_time += now - t_log
-                        steady_images += (step - step_log) * args.batch_size
-                    first_interval = False
-                    eta = (total_steps - step) * args.batch_size / speed
-                    log(f"step {step}/{total_steps} | epoch {step / steps_per_epoch:.2f} | eps-MSE {train_loss:.4f} "
-                        f"| {speed:,.0f} img/s | eta {eta / 60:.1f} min")
-                    t_log, step_log = now, step
-                if step >= total_steps:
-                    break
-            done = step // steps_per_epoch
-            last = step >= total_steps
-            t0 = time.perf_counter()
-            if (step % steps_per_epoch == 0 and done % args.sample_every == 0) or last:
-                model.eval()
-                gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # same z every epoch
-                samples, _ = generate(model_fn, model, 64, args.prior, gen)
-                path = os.path.join(args.out_dir, f"samples_epoch_{done:03d}.png")
-                save_image(to_image(samples), path, nrow=8)
-                model.train()
-                log(f"wrote {path} ({args.prior} prior)")
-            checkpoint()
-            t_log += time.perf_counter() - t0  # pictures and checkpoint writes are not training throughput
-    except KeyboardInterrupt:
-        checkpoint()
-        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-        sys.exit(130)
-
-    wall = time.perf_counter() - t_start
-    images_per_sec = steady_images / steady_time if steady_time > 0 else (step * args.batch_size) / max(wall, 1e-9)
-    model.eval()
-    batch = max(args.batch_size, 256)
-    model.log_sigma.fill_(fit_decoder_sigma(model_fn, train_x, a, args.pred, batch,
-                                            torch.Generator(device=device).manual_seed(args.seed + 2)))
-    checkpoint()  # again, now with the fitted decoder sigma
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_loss": train_loss,
-               "train_images_per_sec": images_per_sec,
-               "seconds_per_epoch": len(train_x) / images_per_sec if images_per_sec > 0 else None,
-               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
-    metrics.update(evaluate(model_fn, model, test_x, batch, torch.Generator(device=device).manual_seed(args.seed + 3)))
-    for path in save_pictures(model_fn, model, test_x, args, device):
-        log(f"wrote {path}")
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    log(f"done: {step} steps in {wall / 60:.1f} min | train eps-MSE {train_loss:.4f} | {images_per_sec:,.0f} train img/s "
-        f"| peak memory {metrics['peak_memory_mb']:.0f} MB")
-    log(summary(metrics))
-
-
-# ---------------------------------------------------------------------------------------
-# 9. The sweep: one picture and one table over several trained noise levels
-# ---------------------------------------------------------------------------------------
-
 def sweep(args):
     """Load the checkpoints of --sweep DIR ..., order them by (arch, alpha_bar) and write
     sweep.png: one row per run, four blocks of 6 images each,
@@ -710,18 +578,19 @@ def sweep(args):
         runs.append((ckpt["config"]["arch"], model.alpha_bar, folder, ckpt, model))
     runs.sort(key=lambda r: (r[0], -r[1]))
     test_x, _ = load_mnist(args.data_dir, train=False, device=device)
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_out_dir(args.out_dir)
     x = to_model_range(test_x[:6])
     rows, table = [], []
     log(f"{'arch':>5} {'alpha_bar':>9} {'pred':>4} {'epochs':>6} {'eps-MSE':>8} {'x-MSE':>7} "
         f"{'bpd standard':>12} {'bpd fitted':>10}  run")
     for arch, a, folder, ckpt, model in runs:
-        model_fn = make_model_fn(torch.compile(model.net) if args.compile else model.net, device, args.amp)
-        m = evaluate(model_fn, model, test_x, 256, torch.Generator(device=device).manual_seed(args.seed + 3))
-        m.update({"run": folder, "arch": arch, "alpha_bar": a, "pred": model.pred, "step": ckpt["step"],
+        model_fn = make_model_fn(model.net, device, args.amp, args.compile)
+        m = evaluate(model_fn, model, test_x, args, device)
+        pred = model.parameterization
+        m.update({"run": folder, "arch": arch, "alpha_bar": a, "pred": pred, "step": ckpt["step"],
                   "epochs": ckpt["epoch"]})
         table.append(m)
-        log(f"{arch:>5} {a:>9.3f} {model.pred:>4} {ckpt['epoch']:>6} {m['test_eps_mse']:>8.4f} {m['test_x_mse']:>7.4f} "
+        log(f"{arch:>5} {a:>9.3f} {pred:>4} {ckpt['epoch']:>6} {m['test_eps_mse']:>8.4f} {m['test_x_mse']:>7.4f} "
             f"{m['test_bpd_standard']:>12.3f} {m['test_bpd_fitted']:>10.3f}  {folder}")
         gen = torch.Generator(device=device).manual_seed(args.seed + 5)
         z, x_hat = denoise(model_fn, model, x, gen)
@@ -730,94 +599,8 @@ def sweep(args):
     grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=2, pad_value=1.0)
     path = os.path.join(args.out_dir, "sweep.png")
     save_image(grid, path)
-    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
-        json.dump(table, f, indent=2)
+    write_json(table, os.path.join(args.out_dir, "sweep.json"))
     log(f"wrote {path}: one row per run (order above), blocks: z | reconstruction | N(0, I) draws | fitted-prior draws")
-
-
-# ---------------------------------------------------------------------------------------
-# 10. Command line
-# ---------------------------------------------------------------------------------------
-
-def number_at_least(convert, minimum, strict=False):
-    """An argparse type: `convert` the text (int or float) and check it is >= minimum (> if
-    strict) and finite, with one clear message either way."""
-    kind = "an integer" if convert is int else "a number"
-    bound = f"{'>' if strict else '>='} {minimum}"
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}")
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = number_at_least(int, 1)
-nonneg_int = number_at_least(int, 0)
-positive_float = number_at_least(float, 0, strict=True)
-
-
-def open_unit_interval(text):
-    """An argparse type for alpha-bar: a number strictly between 0 and 1. At a = 1 there is no
-    noise (nothing to learn, and the weight (1 - a)/a of the bound is 0); at a = 0 the digit is
-    gone from z (sqrt(a) x = 0: nothing to denoise, and x0_hat divides by sqrt(a))."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    if not 0.0 < value < 1.0:  # also false for nan
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
-def make_parser():
-    p = argparse.ArgumentParser(prog=PROG, description="Train a decoder-only VAE (fixed one-step Gaussian corruption) "
-                                "on MNIST, or compare trained runs with --sweep.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
-    g.add_argument("--out-dir", default="out/vae_no_encoder", help="checkpoint, pictures, metrics.json (or sweep.*)")
-    g.add_argument("--epochs", type=positive_int, default=10)
-    g.add_argument("--batch-size", type=positive_int, default=128)
-    g.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network (default: on for CUDA only)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the network (default: on for CUDA only)")
-    g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
-    g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
-    g.add_argument("--sweep", nargs="+", metavar="DIR", default=None,
-                   help="instead of training: compare the runs in these folders (one per noise level / arch); "
-                        "writes sweep.png and sweep.json to --out-dir")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--alpha-bar", type=open_unit_interval, default=0.9,
-                   help="noise level a of q(z|x) = N(sqrt(a) x, (1 - a) I), in (0, 1): 1 is no noise, 0 all noise")
-    g.add_argument("--arch", choices=["cnn", "unet"], default="cnn",
-                   help="decoder: plain CNN without skip connections, or unet.py's U-Net without time conditioning")
-    g.add_argument("--channels", type=positive_int, default=16, help="width of the first level of either network")
-    g.add_argument("--pred", choices=["eps", "x0"], default="eps", help="what the network predicts: the noise or the digit")
-    g.add_argument("--prior", choices=["standard", "fitted"], default="fitted",
-                   help="prior for the samples_epoch_NNN.png grids (the final pictures and metrics use both)")
-    return p
-
-
-def parse_args(argv=None):
-    parser = make_parser()
-    parser.error = fail  # argparse's own errors as one line too
-    args = parser.parse_args(argv)
-    if args.sweep and args.resume:
-        fail("--sweep evaluates finished runs; it does not combine with --resume")
-    return args
 
 
 def main(argv=None):
@@ -828,12 +611,8 @@ def main(argv=None):
         train(args)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------------------
-# 11. What this tells us, and how DDPM fixes it
+# 9. What this tells us, and how DDPM fixes it
 # ---------------------------------------------------------------------------------------
 #
 # Read the pictures of a sweep (sweep.png) from the top row (a near 1) to the bottom (a near 0).
@@ -871,3 +650,272 @@ if __name__ == "__main__":
 #   - every step is trained with the same loss as here, noise prediction at the step's level,
 #     by one network told the level t (unet.py's time conditioning, switched off here).
 # This file is ddpm.py with T = 1 and a free choice of where that one step lands.
+
+
+# =======================================================================================
+# Appendix: plumbing. Nothing below this line is about the model.
+# =======================================================================================
+# The same helpers, in the same order, close every training script of this project: the
+# command line, device and precision, data, random state and checkpoints, the log.
+
+
+CKPT_VERSION = 1
+
+
+def parse_args(argv=None):
+    """The knobs at the top of the file, read from the command line; bad input is one line."""
+    parser = make_parser()
+    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """The checks that involve more than one flag."""
+    if args.sweep and args.resume:
+        fail("--sweep evaluates finished runs; it does not combine with --resume")
+
+
+def number_at_least(convert, minimum, strict=False):
+    """An argparse type: a finite int or float that is >= minimum (> if strict)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind} {'>' if strict else '>='} {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number_at_least(int, 1)
+nonneg_int = number_at_least(int, 0)
+positive_float = number_at_least(float, 0, strict=True)
+
+
+def open_unit_interval(text):
+    """An argparse type for alpha-bar: a number strictly between 0 and 1. At a = 1 there is no
+    noise (nothing to learn, and the weight (1 - a)/a of the bound is 0); at a = 0 the digit is
+    gone from z (sqrt(a) x = 0: nothing to denoise, and x0_hat divides by sqrt(a))."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    if not 0.0 < value < 1.0:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def make_out_dir(path):
+    """Create --out-dir once all input is checked (bad input leaves no folder) and prove it writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, ".write_test"), "w").close()
+        os.remove(os.path.join(path, ".write_test"))
+    except OSError as e:
+        fail(f"cannot write to --out-dir {path}: {e.strerror or e}")
+
+
+def setup(args):
+    """The device, and what depends on it: compile and bf16 default on for CUDA only, TF32 on."""
+    device = get_device(args.device)
+    args.compile = (device.type == "cuda") if args.compile is None else args.compile
+    args.amp = (device.type == "cuda") if args.amp is None else args.amp
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def get_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        fail(f"--device {name} asked, but it is not available")
+    return torch.device(name)
+
+
+def log_ndtr(x):
+    """log Phi(x), the log of the standard normal CDF. torch.special.log_ndtr has no MPS kernel
+    in many torch versions: on a Mac it is computed on the CPU and moved back."""
+    if x.device.type == "mps":
+        return torch.special.log_ndtr(x.cpu()).to(x.device)
+    return torch.special.log_ndtr(x)
+
+
+def make_model_fn(net, device, amp, compile=False):
+    """net(*inputs), torch.compile'd if asked, in bf16 autocast if amp, with the output(s) back
+    in float32, so that all the math around the network stays fp32."""
+    run = torch.compile(net) if compile else net
+
+    def model_fn(*inputs):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = run(*inputs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+    return model_fn
+
+
+def fused_adam_ok(device):
+    return device.type in ("cuda", "cpu")  # one kernel for the whole update (CPU since torch 2.4)
+
+
+def describe(device):
+    return torch.cuda.get_device_name() if device.type == "cuda" else device.type
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def load_mnist(data_dir, train, device):
+    """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
+             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in "
+             f"{os.path.join(data_dir, 'MNIST', 'raw')}/ or point --data-dir at a folder that has them")
+    return ds.data.to(device), ds.targets.to(device)
+
+
+def run_length(args, n_train):
+    """(steps per epoch, total steps). Full batches only, so step -> (epoch, batch) is exact."""
+    steps_per_epoch = n_train // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+
+
+def epoch_batches(images, step, steps_per_epoch, args):
+    """The rest of the epoch that `step` is in, as uint8 batches, in an order seeded by (seed,
+    epoch): a resumed run sees exactly the batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + step // steps_per_epoch)
+    perm = torch.randperm(len(images), generator=g).to(images.device)
+    for i in range(step % steps_per_epoch, steps_per_epoch):  # index_select: ~7x faster than [] on CPU
+        yield images.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size])
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type in ("cuda", "mps"):
+        state[device.type] = getattr(torch, device.type).get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type in ("cuda", "mps") and device.type in state:
+        getattr(torch, device.type).set_rng_state(state[device.type])
+
+
+def start_or_resume(args, kind, resumed_keys):
+    """--resume: the checkpoint in --out-dir, whose resumed_keys (the model, the data order, the
+    optimizer's settings) replace the command line's. Else None, and never overwrite one."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(path):
+            fail(f"{path} exists: pass --resume to continue that run, or --out-dir for a new one")
+        return None
+    ckpt = load_checkpoint(path, kind)
+    for key in set(resumed_keys) & set(ckpt["config"]):
+        setattr(args, key, ckpt["config"][key])
+    return ckpt
+
+
+def restore(ckpt, device, **objects):
+    """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step."""
+    for key, obj in objects.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"], device)
+    log(f"resumed at step {ckpt['step']} (epoch {ckpt['epoch']})")
+    return ckpt["step"]
+
+
+def save_checkpoint(path, kind, args, step, epoch, device, **objects):
+    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one."""
+    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
+             "rng": rng_state(device), **{k: None if v is None else v.state_dict() for k, v in objects.items()}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, kind):
+    """A checkpoint of this kind, loaded as data (weights_only=True: no code in it runs)."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint (kind: {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
+    if ckpt.get("version", 0) > CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    return ckpt
+
+
+class Meter:
+    """The log line. Per-image losses are summed on the device and read once per line (a sync
+    every step would stall a GPU): each figure is a mean since the last line, per group if
+    asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
+
+    def __init__(self, step, total_steps, steps_per_epoch, args, device):
+        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
+        self.device, self.sums, self.last, self.first = device, {}, {}, True
+        self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
+
+    def add(self, name, values, group=None, groups=1):
+        if name not in self.sums:  # row 0: sums, row 1: counts
+            self.sums[name] = torch.zeros(2, groups, device=self.device)
+        index = torch.zeros_like(values, dtype=torch.long) if group is None else group
+        self.sums[name][0].index_add_(0, index, values.detach().float())
+        self.sums[name][1].index_add_(0, index, torch.ones_like(values, dtype=torch.float))
+
+    def tick(self, step):
+        if step % self.every and step != self.total:
+            return
+        means = {k: (s[0] / s[1].clamp(min=1)).tolist() for k, s in self.sums.items()}  # the one host sync
+        for s in self.sums.values():
+            s.zero_()
+        self.last = {k: m[0] if len(m) == 1 else m for k, m in means.items()}
+        now, images = time.perf_counter(), (step - self.step_log) * self.batch
+        if not self.first:
+            self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
+        speed, self.first = images / max(now - self.t_log, 1e-9), False
+        figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
+        log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
+            f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
+        self.t_log, self.step_log = now, step
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.t_log += time.perf_counter() - t0
+
+    def images_per_sec(self, images, wall):
+        """Steady training throughput; before the second log line, all images over the wall time."""
+        return self.steady_images / self.steady_time if self.steady_time > 0 else images / max(wall, 1e-9)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def fail(message):
+    """Stop with one clear line on stderr: bad input is not a traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -166,3 +166,29 @@ def test_help_documents_every_flag(run_script):
                  "--sample-every", "--resume", "--arch", "--schedule", "--timesteps", "--pred", "--ema-decay",
                  "--sampler", "--sample-steps", "--eta", "--eval-images"):
         assert flag in proc.stdout, flag
+
+
+def test_unwritable_out_dir_is_one_line(capsys, fake_mnist, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(ddpm_main(capsys, fake_mnist, blocker / "run", "--max-steps", "1"), "--out-dir")
+
+
+def test_meter_logs_means_since_the_last_line(capsys):
+    import argparse
+    import ddpm as script
+    args = argparse.Namespace(batch_size=2, log_every=2)
+    meter = script.Meter(0, 4, 2, args, torch.device("cpu"))
+    values = [torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0]), torch.tensor([10.0, 20.0]), torch.tensor([30.0, 40.0])]
+    groups = [torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([0, 0])]
+    lines = []
+    for step, (v, g) in enumerate(zip(values, groups), start=1):
+        meter.add("loss", v)
+        meter.add("by half", v, group=g, groups=2)
+        meter.tick(step)
+        if meter.last and step % 2 == 0:
+            lines.append(dict(meter.last))
+    assert lines[0] == {"loss": 4.0, "by half": [1.0, 5.0]}       # (1+3+5+7)/4; group 0: 1, group 1: (3+5+7)/3
+    assert lines[1] == {"loss": 25.0, "by half": [25.0, 0.0]}     # the sums restart after each line
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "step 2/4" in out[0] and "loss 4.0000" in out[0] and "by half 25.00 0.0000" in out[1]

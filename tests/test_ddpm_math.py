@@ -185,10 +185,9 @@ def test_samplers_reproduce_a_known_distribution(sampler):
     gen = torch.Generator().manual_seed(0)
     shape = (3000, 1, 1, 1)
     if sampler == "ddpm":
-        x, _ = ddpm.ddpm_sample(fn, s, shape, "x0", "cpu", generator=gen)
+        x = ddpm.ddpm_sample(fn, s, shape, "x0", generator=gen)
     else:
-        x, _ = ddpm.ddim_sample(fn, s, shape, "x0", "cpu", steps=50, eta=1.0 if sampler == "ddim-eta1" else 0.0,
-                                generator=gen)
+        x = ddpm.ddim_sample(fn, s, shape, "x0", steps=50, eta=1.0 if sampler == "ddim-eta1" else 0.0, generator=gen)
     x = x.flatten()
     nearest = (x[:, None] - values[None]).abs().argmin(1)
     assert (x - values[nearest]).abs().max() < 0.05  # lands on the data
@@ -196,11 +195,17 @@ def test_samplers_reproduce_a_known_distribution(sampler):
     assert torch.allclose(freq, probs, atol=0.04)
 
 
-def test_trajectory_is_kept():
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 50), ("ddim", 10)])
+def test_on_step_sees_every_step(sampler, steps):
     s = ddpm.make_schedule("linear", 50)
     fn = bayes_denoiser(s, torch.tensor([-1.0, 1.0]), torch.tensor([0.5, 0.5]))
-    x, kept = ddpm.ddim_sample(fn, s, (2, 1, 1, 1), "x0", "cpu", steps=10, trajectory=5)
-    assert len(kept) == 5 and torch.equal(kept[-1], x)
+    kept = []
+    x = ddpm.sample(fn, s, 2, "x0", sampler, steps=steps, generator=torch.Generator().manual_seed(0),
+                    on_step=lambda x: kept.append(x.clone()))
+    assert len(kept) == steps and torch.equal(kept[-1], x)
+    # the callback only watches: the same generator gives the same samples without it
+    again = ddpm.sample(fn, s, 2, "x0", sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, x)
 
 
 # --- the bound ---------------------------------------------------------------------------------------

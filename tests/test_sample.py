@@ -116,6 +116,34 @@ def test_bad_checkpoints(tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
 
 
+def test_outputs_checked_before_sampling(checkpoints, tmp_path, capsys):
+    missing = tmp_path / "no_such_folder"
+    for argv, words in ((["--out", missing / "g.png"], "--out"),
+                        (["--out", tmp_path / "g.png", "--save-array", missing / "s.npz"], "--save-array")):
+        code, stdout, err = run(capsys, "--ckpt", checkpoints["ddpm"], "--n", 2, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"sample.py: error: {words}") and "does not exist" in err, err
+        assert "drew" not in stdout and not missing.exists()
+    code, _, err = run(capsys, "--ckpt", checkpoints["ddpm"], "--n", 2, "--out", tmp_path)
+    assert code == 2 and "is a folder" in err, err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_read_only_out_folder(checkpoints, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.access(folder, os.W_OK):  # root writes anywhere: make the check see what a user would
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(folder) else access(p, mode))
+    try:
+        code, stdout, err = run(capsys, "--ckpt", checkpoints["vae"], "--out", folder / "g.png")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err, err
+        assert "drew" not in stdout
+    finally:
+        folder.chmod(0o700)
+
+
 @pytest.mark.parametrize("kind,argv,words", [
     ("vae", ["--sample-steps", "10"], "--sample-steps applies to ddpm"),
     ("vae", ["--trajectory"], "--trajectory applies to ddpm"),

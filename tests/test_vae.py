@@ -19,10 +19,17 @@ def test_kl_closed_form_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(16, 7, generator=g, dtype=torch.float64) * 2
     logvar = torch.randn(16, 7, generator=g, dtype=torch.float64) * 1.5
+    zeros = torch.zeros_like(mu)
+    # the ELBO's KL to the prior N(0, I), summed over the latent dims
     expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=1)
-    torch.testing.assert_close(vae.kl_to_standard_normal(mu, logvar), expected)
-    # and it is zero exactly at the prior
-    assert vae.kl_to_standard_normal(torch.zeros(1, 3), torch.zeros(1, 3)).abs().item() < 1e-7
+    torch.testing.assert_close(vae.normal_kl(mu, logvar, zeros, zeros).sum(dim=1), expected)
+    # and between two arbitrary diagonal Gaussians, elementwise
+    mu2, logvar2 = mu.flip(0), logvar.flip(1)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(mu2, torch.exp(0.5 * logvar2)))
+    torch.testing.assert_close(vae.normal_kl(mu, logvar, mu2, logvar2), expected)
+    # zero exactly at the prior
+    z = torch.zeros(1, 3)
+    assert vae.normal_kl(z, z, z, z).abs().max().item() < 1e-7
 
 
 def test_gaussian_log_density_matches_normal():
@@ -38,7 +45,7 @@ def test_gaussian_log_density_matches_normal():
     torch.testing.assert_close(vae.log_normal_diag(z, mu, logvar), expected)
 
 
-@pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", 0.1), ("gaussian", "learned")])
+@pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", "0.1"), ("gaussian", "learned")])
 def test_model_log_likelihood_matches_torch_distributions(likelihood, sigma):
     torch.manual_seed(2)
     net = vae.VAE("mlp", latent_dim=3, hidden_dim=16, likelihood=likelihood, sigma=sigma)
@@ -51,7 +58,7 @@ def test_model_log_likelihood_matches_torch_distributions(likelihood, sigma):
         if sigma == "learned":
             scale = torch.exp(torch.nn.functional.softplus(out[:, 1:] - vae.LOG_SIGMA_MIN) + vae.LOG_SIGMA_MIN)
         else:
-            scale = torch.full_like(x, sigma)
+            scale = torch.full_like(x, 0.1)
         expected = Normal(torch.sigmoid(out[:, :1]), scale).log_prob(x).sum(dim=(1, 2, 3))
     torch.testing.assert_close(net.log_likelihood(x, out), expected, rtol=1e-5, atol=1e-2)
 
@@ -63,27 +70,23 @@ def test_bernoulli_likelihood_is_finite_for_confident_logits():
     assert torch.allclose(vae.bernoulli_log_likelihood(x, logits), torch.tensor([-400.0]))
 
 
-def test_bernoulli_nll_value_and_gradient_match_torch():
-    # The hand-written forward and backward of BernoulliNLL against F.binary_cross_entropy_with_logits
-    # and autograd through it, over the whole range: zero, small, ordinary, saturated logits.
+def test_bernoulli_likelihood_and_gradient_match_torch_distributions():
+    # over the whole range: zero, small, ordinary, saturated logits; in float64, so that the
+    # reference's own rounding does not matter
     torch.manual_seed(4)
-    logits = torch.tensor([0.0, 1e-4, -1e-4, 0.5, -3.0, 7.0, 17.0, -17.0, 30.0, -30.0, 90.0, -90.0])
-    logits = torch.cat([logits, torch.randn(500) * 6]).view(1, 1, 1, -1)
-    for x in (torch.bernoulli(torch.full_like(logits, 0.5)), torch.rand_like(logits)):  # binary and grey
-        ours = logits.clone().requires_grad_()
-        ref = logits.clone().requires_grad_()
-        value = vae.BernoulliNLL.apply(ours, x)
-        expected = torch.nn.functional.binary_cross_entropy_with_logits(ref, x, reduction="none")
-        # equal up to the fp32 rounding of terms of size |l| (x l - l cancels for x near 1)
-        assert ((value - expected).abs() <= 1e-6 * (1 + logits.abs())).all()
-        weights = torch.rand_like(logits)  # an arbitrary upstream gradient
-        (value * weights).sum().backward()
-        (expected * weights).sum().backward()
-        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-7)
-    # and in float64 against finite differences (l = 0 included: sigmoid(0) - x, not a kink)
-    l64 = torch.tensor([0.0, 0.3, -2.0, 5.0], dtype=torch.float64, requires_grad=True)
-    x64 = torch.tensor([1.0, 0.0, 0.7, 1.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda l: vae.BernoulliNLL.apply(l, x64), (l64,))
+    logits = torch.tensor([0.0, 1e-4, -1e-4, 0.5, -3.0, 7.0, 17.0, -17.0, 30.0, -30.0, 90.0, -90.0], dtype=torch.float64)
+    logits = torch.cat([logits, torch.randn(500, dtype=torch.float64) * 6]).view(2, 1, 1, -1)
+    x = torch.bernoulli(torch.full_like(logits, 0.5))
+    ours = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    value = vae.bernoulli_log_likelihood(x, ours)
+    expected = Bernoulli(logits=ref).log_prob(x).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(value, expected)
+    value.sum().backward()
+    expected.sum().backward()
+    # and the gradient is x - sigmoid(l): target minus prediction, per pixel
+    torch.testing.assert_close(ours.grad, ref.grad)
+    torch.testing.assert_close(ours.grad, x - torch.sigmoid(logits))
 
 
 def test_reparameterized_sample_has_right_mean_and_variance():
@@ -165,7 +168,7 @@ def test_iwae_approaches_log_px_from_below_as_k_grows():
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-@pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", 0.2), ("gaussian", "learned")])
+@pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", "0.2"), ("gaussian", "learned")])
 def test_shapes(arch, likelihood, sigma):
     cfg = dict(arch=arch, latent_dim=5, hidden_dim=32, channels=4, likelihood=likelihood, sigma=sigma)
     net = vae.build_model(cfg)
@@ -177,9 +180,13 @@ def test_shapes(arch, likelihood, sigma):
     assert net.log_likelihood(x, out).shape == (3,)
     m = net.mean(out)
     assert m.shape == (3, 1, 28, 28) and 0 <= m.min() and m.max() <= 1
-    encode, decode = vae.make_model_fns(net, torch.device("cpu"), amp=False)
-    recon, kl = vae.elbo_terms(encode, decode, net.log_likelihood, x)
+    eps = torch.randn(3, 5)
+    out, mu, logvar = net(x, eps)  # the forward pass: encode, z = mu + sigma eps, decode
+    assert out.shape == net.decode(mu).shape and mu.shape == logvar.shape == (3, 5)
+    recon, kl = vae.elbo_terms(net, net, x, eps)
     assert recon.shape == kl.shape == (3,) and (kl >= 0).all()
+    model_fn = vae.make_model_fn(net, torch.device("cpu"), amp=False)
+    torch.testing.assert_close(vae.elbo_terms(model_fn, net, x, eps), (recon, kl))
 
 
 def test_data_scaling():
@@ -198,7 +205,7 @@ def test_a_few_steps_lower_the_loss(fake_mnist, arch, likelihood):
     torch.manual_seed(0)
     images, _ = vae.load_mnist(fake_mnist, train=True, device=torch.device("cpu"))
     net = vae.VAE(arch, latent_dim=8, hidden_dim=64, channels=8, likelihood=likelihood, sigma="learned")
-    encode, decode = vae.make_model_fns(net, torch.device("cpu"), amp=False)
+    model_fn = vae.make_model_fn(net, torch.device("cpu"), amp=False)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(1)
     x_eval = vae.to_model_data(images[:64], likelihood, True, g)
@@ -206,12 +213,12 @@ def test_a_few_steps_lower_the_loss(fake_mnist, arch, likelihood):
 
     def held_loss():
         with torch.no_grad():
-            return vae.vae_loss(*vae.elbo_terms(encode, decode, net.log_likelihood, x_eval, eps_eval), 1.0).item()
+            return vae.vae_loss(*vae.elbo_terms(model_fn, net, x_eval, eps_eval), 1.0).item()
 
     before = held_loss()
     for i in range(40):
         x = vae.to_model_data(images[(i % 4) * 64:(i % 4 + 1) * 64], likelihood, True)
-        loss = vae.vae_loss(*vae.elbo_terms(encode, decode, net.log_likelihood, x), 1.0)
+        loss = vae.vae_loss(*vae.elbo_terms(model_fn, net, x, torch.randn(64, 8)), 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -316,3 +323,45 @@ def test_foreign_checkpoint_is_refused_and_good_one_kept(fake_mnist, run_script,
     with pytest.raises(SystemExit):
         vae.main(["--data-dir", fake_mnist, "--out-dir", str(foreign), "--eval-only"])
     assert "newer" in one_error_line(capsys.readouterr().err)
+
+
+def test_sigma_is_text_and_old_float_checkpoints_still_load(fake_mnist, tmp_path, capsys):
+    args = vae.parse_args(["--likelihood", "gaussian", "--sigma", "0.1"])
+    assert args.sigma == "0.1"  # one type in args and in the checkpoint's config: the text given
+    assert vae.parse_args(["--likelihood", "gaussian"]).sigma == "learned"
+    assert vae.build_model(vars(args)).fixed_sigma == 0.1
+    # a checkpoint written before --sigma was text holds the float 0.1: it resumes and evaluates
+    out = tmp_path / "old"
+    out.mkdir()
+    args = vae.parse_args(["--data-dir", fake_mnist, "--out-dir", str(out), "--likelihood", "gaussian",
+                           "--device", "cpu", *TINY])
+    args.sigma = 0.1
+    device = vae.setup(args)
+    net = vae.build_model(vars(args))
+    assert net.fixed_sigma == 0.1
+    opt = torch.optim.Adam(net.parameters())
+    vae.save_checkpoint(str(out / "ckpt.pt"), "vae", args, 2, 0, device, model=net, ema=None, optimizer=opt)
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--resume", "--max-steps", "3", *TINY])
+    assert json.loads((out / "metrics.json").read_text())["config"]["sigma"] == "0.1"
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--eval-only", "--iw-samples", "0"])
+    assert "(sigma 0.1)" in capsys.readouterr().out and (out / "eval.json").is_file()
+
+
+def test_bad_input_leaves_no_out_dir_and_an_unwritable_one_is_one_line(fake_mnist, tmp_path, capsys):
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("")
+    cases = [
+        (["--data-dir", str(not_a_dir)], "could not load MNIST"),                # a bad --data-dir
+        (["--data-dir", fake_mnist, "--batch-size", "100000"], "--batch-size"),  # larger than the data
+    ]
+    for i, (argv, words) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--out-dir", str(out), *argv])
+        assert e.value.code == 2 and words in one_error_line(capsys.readouterr().err)
+        assert not out.exists()  # checked before the folder is made
+    # an --out-dir that cannot be created: below a regular file
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(not_a_dir / "run"), *TINY])
+    line = one_error_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "error" in line and "--out-dir" in line

@@ -39,8 +39,16 @@ def test_predict_x0_eps_inverts_the_corruption():
     x, eps = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1, torch.randn(3, 1, 4, 4, generator=g)
     z = math.sqrt(a) * x + math.sqrt(1 - a) * eps
     for pred, out in (("eps", eps), ("x0", x)):  # a perfect network, either target
-        x0_hat, eps_hat = vne.predict_x0_eps(z, out, a, pred)
+        x0_hat, eps_hat = vne.predict_x0_eps(a, z, out, pred)
         assert torch.allclose(x0_hat, x, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
+
+
+def test_normal_kl_against_torch_distributions():
+    g = torch.Generator().manual_seed(5)
+    m1, m2 = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    lv1, lv2 = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    expected = kl_divergence(Normal(m1, (0.5 * lv1).exp()), Normal(m2, (0.5 * lv2).exp()))
+    assert torch.allclose(vne.normal_kl(m1, lv1, m2, lv2), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_negative_elbo_matches_full_gaussian_log_densities():
@@ -207,6 +215,9 @@ def test_cli_smoke_and_sweep(run_script, capsys, fake_mnist, tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = json.load(open(sweep_dir / "sweep.json"))
     assert len(table) == 2 and table[0]["alpha_bar"] == 0.5 and os.path.exists(sweep_dir / "sweep.png")
+    blocker = tmp_path / "a_file"  # an --out-dir below a regular file cannot be created
+    blocker.write_text("not a folder")
+    assert_one_line_error(vne_main(capsys, fake_mnist, blocker / "sweep", "--sweep", out), "--out-dir")
 
 
 def test_resume_continues_exactly(capsys, fake_mnist, tmp_path):
@@ -265,3 +276,9 @@ def test_bad_checkpoints_never_overwrite(capsys, fake_mnist, tmp_path):
     assert ckpt.read_bytes() == before
 
     assert_one_line_error(vne_main(capsys, fake_mnist, tmp_path / "empty", "--resume"), "no checkpoint")
+
+
+def test_out_dir_that_cannot_be_created(capsys, fake_mnist, tmp_path):
+    blocker = tmp_path / "a_file"  # a regular file: nothing can be created below it
+    blocker.write_text("not a folder")
+    assert_one_line_error(vne_main(capsys, fake_mnist, blocker / "run"), "--out-dir")
