@@ -525,13 +525,18 @@ def train(args):
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
 
-    wall = time.perf_counter() - t_start
+    finish(args, device, ema_fn, sched, test_x, meter, step, steps_per_epoch, time.perf_counter() - t_start,
+           sample_speed, sum(p.numel() for p in params))
+
+
+def finish(args, device, ema_fn, sched, test_x, meter, step, steps_per_epoch, wall, sample_speed, n_params):
+    """The end of a run: held-out metrics of the EMA weights, metrics.json and a summary line."""
     images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
     metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
-               "train_loss": meter.last["loss"], "train_images_per_sec": images_per_sec,
+               "train_loss": meter.last.get("loss", math.nan), "train_images_per_sec": images_per_sec,
                "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
                "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
-               "parameters": sum(p.numel() for p in params)}
+               "parameters": n_params}
     metrics.update(evaluate(ema_fn, sched, test_x, args, device))
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, "metrics.json"))

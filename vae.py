@@ -527,23 +527,13 @@ def train(args):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=fused_adam_ok(device))
     step = restore(ckpt, device, model=net, optimizer=opt) if ckpt else 0
     model_fn = make_model_fn(net, device, args.amp, args.compile)  # x, eps -> out, mu, logvar
-    n_params = sum(p.numel() for p in net.parameters())
-    data = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
-        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
-    log(f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{data}, "
-        f"beta {args.beta} | {len(train_x)} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
-
-    # No EMA of the weights here (ckpt "ema" is None): a VAE's samples do not need it, and the
-    # held-out bound is for the weights that were trained.
+    log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
-    def save():
-        save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device, model=net, ema=None,
-                        optimizer=opt)
+    def save():  # no EMA of the weights (ckpt "ema" is None): see finish()
+        save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device, model=net, ema=None, optimizer=opt)
 
-    meter = Meter(step, total_steps, steps_per_epoch, args, device)
-    t_start, first_step = time.perf_counter(), step
+    meter, t_start, first_step = Meter(step, total_steps, steps_per_epoch, args, device), time.perf_counter(), step
     net.train()
     try:
         while step < total_steps:
@@ -562,29 +552,33 @@ def train(args):
                 meter.tick(step)
                 if step >= total_steps:
                     break
-            # End of an epoch (or of --max-steps): a grid every --sample-every epochs and at the
-            # end, then the checkpoint, so an interruption loses at most one epoch.
-            with meter.paused():
+            with meter.paused():  # a grid every --sample-every epochs and at the end, then the checkpoint
                 epoch = step // steps_per_epoch
                 if (step % steps_per_epoch == 0 and epoch % args.sample_every == 0) or step >= total_steps:
                     path = os.path.join(args.out_dir, f"samples_epoch_{epoch:03d}.png")
                     save_samples(net.eval(), path, args, device)
                     net.train()
                     log(f"wrote {path}")
-                save()
+                save()  # each epoch, so an interruption loses at most one
     except KeyboardInterrupt:
         save()
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
 
-    wall = time.perf_counter() - t_start
+    finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, time.perf_counter() - t_start)
+
+
+def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, wall):
+    """The end of a run: held-out metrics, the pictures, metrics.json and a summary line. No EMA
+    of the weights here: a VAE's samples do not need it, and the held-out bound is for the
+    weights that were trained."""
     images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
     train_loss = meter.last.get("loss", float("nan"))
     net.eval()
     metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
                "train_loss": train_loss, "train_images_per_sec": images_per_sec,
                "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec else math.nan,
-               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
+               "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
     # Evaluation and pictures use the plain module, not the compiled one: their batch shapes vary
     # (a compiled graph would recompile for each).
     metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
@@ -594,6 +588,16 @@ def train(args):
     log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(metrics)} "
         f"| {images_per_sec:,.0f} train img/s ({metrics['seconds_per_epoch']:.2f} s/epoch) "
         f"| peak memory {metrics['peak_memory_mb']:.0f} MB")
+
+
+def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
+    """The first log line: the model, the likelihood, the data and the run length."""
+    n_params = sum(p.numel() for p in net.parameters())
+    data = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
+        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
+    return (f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{data}, "
+            f"beta {args.beta} | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
+            f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
 
 
 # ---------------------------------------------------------------------------------------

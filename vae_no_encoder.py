@@ -466,11 +466,7 @@ def train(args):
     opt = torch.optim.AdamW(model.net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
     step = restore(ckpt, device, model=model, optimizer=opt) if ckpt else 0
     model_fn = make_model_fn(model.net, device, args.amp, args.compile)
-    n_params = sum(p.numel() for p in model.net.parameters())
-    log(f"vae_no_encoder: {n_params / 1e6:.3f}M parameters ({args.arch}, {args.channels} channels), "
-        f"alpha_bar={a} (snr {a / (1 - a):.3g}), pred={args.pred}, prior={args.prior} | {len(train_x)} train images, "
-        f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, "
-        f"compile={args.compile}, amp={args.amp}")
+    log(run_description(args, model, len(train_x), steps_per_epoch, total_steps, device))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
     def save():
@@ -502,15 +498,21 @@ def train(args):
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
     wall = time.perf_counter() - t_start
-    images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
     model.eval()
     model.log_sigma.fill_(fit_decoder_sigma(model_fn, model, train_x, args, device))  # section 3, closed form
     save()  # again, now with the fitted decoder sigma
+    finish(args, device, model, model_fn, test_x, meter, first_step, step, steps_per_epoch, wall)
+
+
+def finish(args, device, model, model_fn, test_x, meter, first_step, step, steps_per_epoch, wall):
+    """The end of a run: held-out metrics, the pictures, metrics.json and the summary lines."""
+    images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
     train_loss = meter.last.get("eps-MSE", float("nan"))
     metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_loss": train_loss,
                "train_images_per_sec": images_per_sec,
                "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec > 0 else None,
-               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
+               "wall_time_s": wall, "device": describe(device),
+               "parameters": sum(p.numel() for p in model.net.parameters())}
     metrics.update(evaluate(model_fn, model, test_x, args, device))
     save_pictures(model_fn, model, test_x, args, device)
     metrics["peak_memory_mb"] = peak_memory_mb(device)
@@ -518,6 +520,15 @@ def train(args):
     log(f"done: {step} steps in {wall / 60:.1f} min | train eps-MSE {train_loss:.4f} "
         f"| {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
     log(summary(metrics))
+
+
+def run_description(args, model, n_train, steps_per_epoch, total_steps, device):
+    """The first log line: the model, the noise level, the prior and the run length."""
+    n_params, a = sum(p.numel() for p in model.net.parameters()), args.alpha_bar
+    return (f"vae_no_encoder: {n_params / 1e6:.3f}M parameters ({args.arch}, {args.channels} channels), "
+            f"alpha_bar={a} (snr {a / (1 - a):.3g}), pred={args.pred}, prior={args.prior} | {n_train} train images, "
+            f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, "
+            f"compile={args.compile}, amp={args.amp}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -672,7 +683,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The checks that involve more than one flag."""
+    """The checks no single argparse type can make."""
     if args.sweep and args.resume:
         fail("--sweep evaluates finished runs; it does not combine with --resume")
 
