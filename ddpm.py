@@ -840,9 +840,13 @@ class Meter:
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
             self.sums[name] = torch.zeros(2, groups, device=self.device)
-        index = torch.zeros_like(values, dtype=torch.long) if group is None else group
-        self.sums[name][0].index_add_(0, index, values.detach().float())
-        self.sums[name][1].index_add_(0, index, torch.ones_like(values, dtype=torch.float))
+        sums, counts = self.sums[name]
+        if group is None:
+            sums += values.detach().float().sum()
+            counts += len(values)
+        else:
+            sums.index_add_(0, group, values.detach().float())
+            counts.index_add_(0, group, torch.ones_like(values, dtype=torch.float))
 
     def tick(self, step):
         if step % self.every and step != self.total:
