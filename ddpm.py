@@ -22,6 +22,7 @@ Run:
     python ddpm.py --data-dir ../shared/mnist --channels 16 --epochs 30   # a small model on a CPU
     python ddpm.py --resume --epochs 150                         # continue a run
     python ddpm.py --eval-only --eval-images 1000                # bits/dim of out/ddpm/ckpt.pt
+    python ddpm.py --eval-only --eval-images 0 --score-samples 1000 --sampler ddim --eta 1   # FD (score.py)
 
 Writes to --out-dir (default out/ddpm): ckpt.pt (raw + EMA weights, optimizer, step, RNG),
 samples_epoch_NNN.png (from the EMA weights), metrics.json (config, losses, bits/dim, speed).
@@ -98,6 +99,11 @@ def make_parser():
     g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
+    g.add_argument("--score-samples", type=nonneg_int, default=0,
+                   help="at the end (also with --eval-only): draw N samples with the sampler above and score "
+                        "them with score.py (FD, IS, precision/recall; N >= 1000 for FDs that compare); 0: off")
+    g.add_argument("--classifier", default="out/classifier/ckpt.pt",
+                   help="score.py's digit classifier, for --score-samples")
     return p
 
 
@@ -489,7 +495,8 @@ def train(args):
     ema_fn = make_model_fn(ema, device, args.amp, args.compile)    # a separate graph: it only infers
     log(f"ddpm: {sum(p.numel() for p in params) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, "
         f"T={args.timesteps}, pred={args.pred} | {len(train_x)} train images, batch {args.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
+        + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
     def save():
@@ -538,10 +545,13 @@ def finish(args, device, ema_fn, sched, test_x, meter, step, steps_per_epoch, wa
                "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
                "parameters": n_params}
     metrics.update(evaluate(ema_fn, sched, test_x, args, device))
+    if args.score_samples:
+        metrics["score"] = score_ema(ema_fn, sched, args, device, sample_speed)
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
     log(f"done: {step} steps in {wall / 60:.1f} min | train loss {metrics['train_loss']:.4f} | test loss "
         f"{metrics['test_loss']:.4f}" + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
+        + (f" | FD {metrics['score']['fd']:.2f} (N={args.score_samples})" if "fd" in metrics.get("score", {}) else "")
         + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
 
 
@@ -559,6 +569,23 @@ def save_grid(model_fn, sched, args, device, path):
     speed = args.num_samples / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
     save_image((x + 1) / 2, path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
     return speed
+
+
+def sampler_cost(args):
+    """The sampler of the grids in words, with its network calls per sample."""
+    if args.sampler == "ddpm":
+        return f"ancestral, {args.timesteps} network calls per sample"
+    return f"DDIM, eta {args.eta:g}, {args.sample_steps or 50} network calls per sample"
+
+
+def score_ema(ema_fn, sched, args, device, sample_speed=None):
+    """--score-samples N: N samples from the EMA weights with the grids' sampler, scored by score.py."""
+    cost = sampler_cost(args) + (f"; about {args.score_samples / sample_speed / 60:.1f} min at the grids' speed"
+                                 if sample_speed else "")
+
+    def draw(n, gen):  # [-1, 1] -> [0, 1]
+        return (sample(ema_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, gen) + 1) / 2
+    return draw_and_score(args, draw, device, cost)
 
 
 # ---------------------------------------------------------------------------------------
@@ -608,6 +635,8 @@ def eval_only(args):
     path = os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png")
     metrics["sample_images_per_sec"] = save_grid(ema_fn, sched, args, device, path)
     log(f"test loss {metrics['test_loss']:.4f} | wrote {path} at {metrics['sample_images_per_sec']:.1f} img/s")
+    if args.score_samples:
+        metrics["score"] = score_ema(ema_fn, sched, args, device, metrics["sample_images_per_sec"])
     write_json(metrics, os.path.join(args.out_dir, "eval.json"))
 
 
@@ -657,6 +686,7 @@ def check_args(args):
             fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     if args.eta and args.sampler != "ddim":
         fail("--eta applies to --sampler ddim")
+    check_classifier(args)
 
 
 def number_at_least(convert, minimum, strict=False):
@@ -878,6 +908,47 @@ class Meter:
 def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def check_classifier(args):
+    """--score-samples needs score.py beside this script and a trained digit classifier:
+    checked before anything runs, so a long run cannot end without the score it was asked for."""
+    if not args.score_samples:
+        return
+    try:
+        import score  # noqa: F401 (only with --score-samples: each script runs without score.py)
+    except ImportError:
+        fail("--score-samples needs score.py, this project's sample scorer, beside this script")
+    if not os.path.isfile(args.classifier):
+        fail(f"--score-samples needs a digit classifier at {args.classifier}: train one with `python score.py "
+             f"--train-classifier --data-dir {args.data_dir}` (about a minute on 2 CPU cores) or pass --classifier")
+
+
+@torch.no_grad()
+def draw_and_score(args, draw, device, cost):
+    """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
+    batches of 256 from a fixed generator, and score them with score.py against as many real
+    test digits. Announces the cost, then the time to go after the first batch."""
+    import score
+    n, batch = args.score_samples, 256
+    log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
+    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+    t0, parts = time.perf_counter(), []
+    for i in range(0, n, batch):
+        parts.append(draw(min(batch, n - i), gen).float().clamp(0, 1).cpu())
+        if i == 0 and n > batch:
+            spent = time.perf_counter() - t0
+            log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
+    seconds, x = time.perf_counter() - t0, torch.cat(parts)
+    problem = score.sample_problem(x)
+    if problem:  # a diverged model: say so, keep the rest of the metrics
+        log(f"score: not scored: {problem}")
+        return {"n": n, "error": problem}
+    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed),
+              "sampling": cost, "sample_seconds": seconds}
+    log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
+        f"{result['recall']:.3f} | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+    return result
 
 
 def fail(message):

@@ -28,6 +28,10 @@ Run:
 
 samples.npz is what `python sample.py --save-array samples.npz` writes: key "samples"
 (N x 1 x 28 x 28 float32 in [0, 1]) and optionally "labels" (N ints, the intended classes).
+A PNG grid that torchvision's save_image wrote (every samples_*.png here) scores too, at the
+8-bit precision of the PNG; grids are small, and FD wants N >= 1,000.
+ddpm.py, vae.py and vae_no_encoder.py call score_samples() at the end of training with
+--score-samples N.
 Writes: --classifier (ckpt.pt) and metrics.json beside it when training; --json when scoring.
 """
 
@@ -53,7 +57,8 @@ def make_parser():
                                 "on a small CNN classifier, or train that classifier.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", nargs="?", default=None, metavar="SAMPLES.npz",
-                   help='samples to score: key "samples" (N x 1 x 28 x 28 in [0, 1]), optional "labels"')
+                   help='samples to score: an .npz with key "samples" (N x 1 x 28 x 28 in [0, 1]) and '
+                   'optional "labels", or a PNG grid as save_image writes it (28 x 28 tiles, 2-pixel padding)')
     g = p.add_argument_group("what to do (one of: SAMPLES.npz, --train-classifier, --reference)")
     g.add_argument("--train-classifier", action="store_true", help="train the classifier and save it to --classifier")
     g.add_argument("--reference", action="store_true",
@@ -311,9 +316,21 @@ def load_classifier(path, device, data_dir):
 
 
 def load_samples(path):
-    """The samples (N, 1, 28, 28) float32 in [0, 1] and labels (N,) or None, checked."""
+    """The samples (N, 1, 28, 28) float32 in [0, 1] and labels (N,) or None, checked: from an
+    .npz (what sample.py --save-array writes) or a PNG grid (what save_image writes)."""
     if not os.path.isfile(path):
         fail(f"no such file: {path}")
+    if path.lower().endswith(".png"):
+        x, labels = load_grid(path), None
+    else:
+        x, labels = load_npz(path)
+    problem = sample_problem(x)
+    if problem:
+        fail(problem)
+    return x.clamp(0, 1), labels
+
+
+def load_npz(path):
     try:
         with np.load(path) as data:
             arrays = {k: data[k] for k in data.files}
@@ -324,20 +341,51 @@ def load_samples(path):
     x = arrays["samples"]
     if x.ndim != 4 or x.shape[1:] != (1, 28, 28) or not np.issubdtype(x.dtype, np.number):
         fail(f'"samples" must be numbers of shape (N, 1, 28, 28), got {x.dtype} {x.shape}')
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        fail(f'"samples" has {int((~np.isfinite(x)).sum())} NaN or infinite values')
-    if x.min() < -1e-4 or x.max() > 1 + 1e-4:
-        fail(f'"samples" must be in [0, 1] (sample.py writes that range), got [{x.min():.3g}, {x.max():.3g}]'
-             + ("; for [-1, 1] images use (x + 1) / 2" if x.min() < 0 else ""))
-    if len(x) <= 3:
-        fail(f"need at least 4 samples for a covariance and neighbours, got {len(x)}")
     labels = arrays.get("labels")
     if labels is not None:
         if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() > 9:
             fail(f'"labels" must be {len(x)} integers in 0..9, got {labels.dtype} {labels.shape}')
         labels = torch.from_numpy(labels.astype(np.int64))
-    return torch.from_numpy(x).clamp(0, 1), labels
+    return torch.from_numpy(x.astype(np.float32)), labels
+
+
+def load_grid(path, pad=2):
+    """The digits of a PNG grid as torchvision's save_image draws it: 28 x 28 tiles, `pad`
+    pixels of 0 around and between them, so a grid of R rows and C columns is
+    (R (28 + pad) + pad) x (C (28 + pad) + pad) pixels. Empty cells at the end of the last
+    row (n not a multiple of the row length) are all 0 and dropped. 8-bit PNG: k / 255."""
+    from PIL import Image  # torchvision's own image library (save_image writes through it)
+    try:
+        with Image.open(path) as image:
+            img = torch.from_numpy(np.array(image.convert("L")))
+    except Exception as e:
+        fail(f"{path} is not a readable PNG ({type(e).__name__})")
+    h, w = img.shape
+    cell = 28 + pad
+    if (h - pad) % cell or (w - pad) % cell or h < cell + pad or w < cell + pad:
+        fail(f"{path} is {w} x {h} pixels: not a grid of 28 x 28 digits with {pad}-pixel padding "
+             f"(save_image's layout); score an .npz from sample.py --save-array instead")
+    rows, cols = (h - pad) // cell, (w - pad) // cell
+    tiles = (img[pad:, pad:].reshape(rows, cell, cols, cell)[:, :28, :, :28]  # drop each cell's padding
+             .permute(0, 2, 1, 3).reshape(rows * cols, 1, 28, 28))
+    n = len(tiles)
+    while n > (rows - 1) * cols and tiles[n - 1].max() == 0:
+        n -= 1
+    return tiles[:n].float() / 255
+
+
+def sample_problem(x):
+    """What is wrong with samples x (N, 1, 28, 28) for scoring, in one line, or None."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        return f"the samples have {bad} NaN or infinite values"
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        return (f"samples must be in [0, 1] (sample.py writes that range), got [{lo:.3g}, {hi:.3g}]"
+                + ("; for [-1, 1] images use (x + 1) / 2" if lo < 0 else ""))
+    if len(x) <= 3:
+        return f"need at least 4 samples for a covariance and neighbours, got {len(x)}"
+    return None
 
 
 def real_subset(images_u8, n, seed):
@@ -346,26 +394,34 @@ def real_subset(images_u8, n, seed):
     return to_unit(images_u8.cpu()[idx])
 
 
+def score_samples(x, classifier, data_dir, device, k=3, n_real=None, seed=0, labels=None, batch_size=500):
+    """Every score of samples x (N, 1, 28, 28) in [0, 1] against n_real real test digits
+    (default: as many as there are samples, up to the test split), as a dict. The training
+    scripts' --score-samples calls this too."""
+    net = load_classifier(classifier, device, data_dir)
+    test_x, _ = load_mnist(data_dir, train=False, device="cpu")
+    n_real = min(n_real or len(x), len(test_x))
+    if n_real <= k:
+        fail(f"--k {k} needs more than {k} real digits, got {n_real}")
+    if len(x) <= k:
+        fail(f"--k {k} needs more than {k} samples, got {len(x)}")
+    feats, probs = classify(net, x, batch_size)
+    real_feats, _ = classify(net, real_subset(test_x, n_real, seed), batch_size)
+    return {"classifier": classifier, **scores(feats, probs, real_feats, k, labels)}
+
+
 def score_file(args):
     x, labels = load_samples(args.samples)
     device = setup(args)
-    net = load_classifier(args.classifier, device, args.data_dir)
-    test_x, _ = load_mnist(args.data_dir, train=False, device="cpu")
-    n_real = min(args.n_real or len(x), len(test_x))
-    if n_real <= args.k:
-        fail(f"--k {args.k} needs more than {args.k} real digits, got {n_real}")
-    if len(x) <= args.k:
-        fail(f"--k {args.k} needs more than {args.k} samples, got {len(x)}")
-    feats, probs = classify(net, x, args.score_batch_size)
-    real_feats, _ = classify(net, real_subset(test_x, n_real, args.seed), args.score_batch_size)
-    result = {"samples": args.samples, "classifier": args.classifier, **scores(feats, probs, real_feats, args.k, labels)}
+    result = {"samples": args.samples, **score_samples(x, args.classifier, args.data_dir, device, args.k,
+                                                       args.n_real, args.seed, labels, args.score_batch_size)}
     log(f"{args.samples}: N = {result['n']} samples vs {result['n_real']} real test digits")
     log(f"  FD {result['fd']:.3f} | IS {result['is']:.3f} | precision {result['precision']:.3f} | recall "
         f"{result['recall']:.3f} (k={args.k})" + (f" | accuracy on labels {result['accuracy']:.4f}" if labels is not None else ""))
     log(f"  classes {result['class_histogram']} | entropy {result['class_entropy_nats']:.3f} nats (max {math.log(10):.3f}) "
         f"| mean max confidence {result['mean_max_confidence']:.3f}")
     log(f"  note: FD is biased upward at small N; compare FDs only at equal N (python score.py --reference "
-        f"gives real digits' FD at N = 1000 and {len(test_x)})")
+        f"gives real digits' FD at N = 1000 and the whole test split)")
     if args.json:
         write_out(result, args.json)
 

@@ -30,6 +30,7 @@ Run:
     python vae.py --arch cnn --likelihood gaussian --out-dir out/vae_cnn_gauss   # CNN, Gaussian
     python vae.py --latent-dim 2 --out-dir out/vae_2d                           # + the 2-D manifold
     python vae.py --eval-only --iw-samples 5000                                 # evaluate out/vae/ckpt.pt
+    python vae.py --eval-only --score-samples 1000    # FD etc. of 1000 prior samples (score.py's classifier)
 
 Writes to --out-dir (default out/vae): ckpt.pt (weights, optimizer, step, RNG),
 samples_epoch_NNN.png (prior samples), reconstructions.png (inputs over outputs),
@@ -83,6 +84,11 @@ def make_parser():
                    help="K of the IWAE bound for the held-out NLL estimate (0 skips it)")
     p.add_argument("--iw-images", type=nonneg_int, default=1000,
                    help="test images for the IWAE bound (K decoder calls each; 0 skips it)")
+    p.add_argument("--score-samples", type=nonneg_int, default=0,
+                   help="at the end (also with --eval-only): draw N prior samples and score them with score.py "
+                        "(FD, IS, precision/recall; N >= 1000 for FDs that compare); 0: off")
+    p.add_argument("--classifier", default="out/classifier/ckpt.pt",
+                   help="score.py's digit classifier, for --score-samples")
     # the model
     p.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="encoder/decoder networks")
     p.add_argument("--latent-dim", type=positive_int, default=20, help="L, the size of z (2 also draws the manifold)")
@@ -429,6 +435,16 @@ def save_samples(net, path, args, device):
     save_image(images.cpu(), path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
 
 
+def score_prior_samples(net, args, device):
+    """--score-samples N: the decoder means of N prior draws z ~ N(0, I), as in the grids,
+    scored by score.py."""
+    def draw(n, gen):
+        z = torch.randn((n, net.latent_dim), device=device, generator=gen)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            return net.mean(net.decode(z))
+    return draw_and_score(args, draw, device, "decoder means of z ~ N(0, I), one decoder pass per sample")
+
+
 @torch.no_grad()
 def save_reconstructions(net, test_data, path, n=16):
     """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
@@ -583,6 +599,8 @@ def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per
     # (a compiled graph would recompile for each).
     metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
     save_pictures(net, test_x, test_y, args, device)
+    if args.score_samples:
+        metrics["score"] = score_prior_samples(net, args, device)
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
     log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(metrics)} "
@@ -597,7 +615,8 @@ def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
         " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
     return (f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{data}, "
             f"beta {args.beta} | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
-            f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}")
+            f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
+            + (f" | at the end: {args.score_samples} prior samples scored" if args.score_samples else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -672,6 +691,8 @@ def summary(m):
         s += f" | {m['test_bpd']:.3f} bits/dim (ELBO)"
     if "test_iwae_bpd" in m:
         s += f", {m['test_iwae_bpd']:.3f} (IWAE)"
+    if "fd" in m.get("score", {}):
+        s += f" | FD {m['score']['fd']:.2f} ({m['score']['n']} samples)"
     return s
 
 
@@ -690,6 +711,8 @@ def eval_only(args):
     metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
     save_samples(net, os.path.join(args.out_dir, "eval_samples.png"), args, device)
     save_pictures(net, test_x, test_y, args, device, prefix="eval_")
+    if args.score_samples:
+        metrics["score"] = score_prior_samples(net, args, device)
     log(summary(metrics))
     write_json(metrics, os.path.join(args.out_dir, "eval.json"))
 
@@ -732,6 +755,7 @@ def check_args(args):
             fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
         args.binarize = False
         args.sigma = "learned" if args.sigma is None else args.sigma
+    check_classifier(args)
 
 
 def number_at_least(convert, minimum, strict=False):
@@ -956,6 +980,47 @@ class Meter:
 def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def check_classifier(args):
+    """--score-samples needs score.py beside this script and a trained digit classifier:
+    checked before anything runs, so a long run cannot end without the score it was asked for."""
+    if not args.score_samples:
+        return
+    try:
+        import score  # noqa: F401 (only with --score-samples: each script runs without score.py)
+    except ImportError:
+        fail("--score-samples needs score.py, this project's sample scorer, beside this script")
+    if not os.path.isfile(args.classifier):
+        fail(f"--score-samples needs a digit classifier at {args.classifier}: train one with `python score.py "
+             f"--train-classifier --data-dir {args.data_dir}` (about a minute on 2 CPU cores) or pass --classifier")
+
+
+@torch.no_grad()
+def draw_and_score(args, draw, device, cost):
+    """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
+    batches of 256 from a fixed generator, and score them with score.py against as many real
+    test digits. Announces the cost, then the time to go after the first batch."""
+    import score
+    n, batch = args.score_samples, 256
+    log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
+    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+    t0, parts = time.perf_counter(), []
+    for i in range(0, n, batch):
+        parts.append(draw(min(batch, n - i), gen).float().clamp(0, 1).cpu())
+        if i == 0 and n > batch:
+            spent = time.perf_counter() - t0
+            log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
+    seconds, x = time.perf_counter() - t0, torch.cat(parts)
+    problem = score.sample_problem(x)
+    if problem:  # a diverged model: say so, keep the rest of the metrics
+        log(f"score: not scored: {problem}")
+        return {"n": n, "error": problem}
+    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed),
+              "sampling": cost, "sample_seconds": seconds}
+    log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
+        f"{result['recall']:.3f} | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+    return result
 
 
 def fail(message):

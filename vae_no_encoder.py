@@ -26,6 +26,7 @@ One trained model per noise level. Train one run per --alpha-bar, then compare t
 
     python vae_no_encoder.py --data-dir ../shared/mnist --alpha-bar 0.9 --out-dir out/vne_cnn_0.9
     python vae_no_encoder.py --data-dir ../shared/mnist --alpha-bar 0.3 --arch unet --out-dir out/vne_unet_0.3
+    (add --score-samples 1000 to score 1000 samples per prior at the end with score.py's classifier)
     python vae_no_encoder.py --data-dir ../shared/mnist --sweep out/vne_cnn_0.9 out/vne_unet_0.3 --out-dir out/vne_sweep
 
 A training run writes to --out-dir (default out/vae_no_encoder): ckpt.pt (weights, fitted prior,
@@ -79,6 +80,11 @@ def make_parser():
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
+    g.add_argument("--score-samples", type=nonneg_int, default=0,
+                   help="at the end: draw N samples under each prior and score them with score.py (FD, IS, "
+                        "precision/recall; N >= 1000 for FDs that compare); 0: off")
+    g.add_argument("--classifier", default="out/classifier/ckpt.pt",
+                   help="score.py's digit classifier, for --score-samples")
     g.add_argument("--sweep", nargs="+", metavar="DIR", default=None,
                    help="instead of training: compare the runs in these folders (one per noise level / arch); "
                         "writes sweep.png and sweep.json to --out-dir")
@@ -446,6 +452,14 @@ def save_pictures(model_fn, model, test_x, args, device):
         log(f"wrote {path}")
 
 
+def score_prior_samples(model_fn, model, args, device):
+    """--score-samples N: N decoded draws under each prior, scored by score.py: {prior: scores}."""
+    draws = {prior: (lambda n, gen, prior=prior: to_image(generate(model_fn, model, n, prior, gen)[0]))
+             for prior in ("standard", "fitted")}
+    return {prior: draw_and_score(args, draw, device, f"z ~ the {prior} prior, one network pass per sample")
+            for prior, draw in draws.items()}
+
+
 # ---------------------------------------------------------------------------------------
 # 7. Training
 # ---------------------------------------------------------------------------------------
@@ -515,6 +529,8 @@ def finish(args, device, model, model_fn, test_x, meter, first_step, step, steps
                "parameters": sum(p.numel() for p in model.net.parameters())}
     metrics.update(evaluate(model_fn, model, test_x, args, device))
     save_pictures(model_fn, model, test_x, args, device)
+    if args.score_samples:
+        metrics["score"] = score_prior_samples(model_fn, model, args, device)
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
     log(f"done: {step} steps in {wall / 60:.1f} min | train eps-MSE {train_loss:.4f} "
@@ -528,7 +544,8 @@ def run_description(args, model, n_train, steps_per_epoch, total_steps, device):
     return (f"vae_no_encoder: {n_params / 1e6:.3f}M parameters ({args.arch}, {args.channels} channels), "
             f"alpha_bar={a} (snr {a / (1 - a):.3g}), pred={args.pred}, prior={args.prior} | {n_train} train images, "
             f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, "
-            f"compile={args.compile}, amp={args.amp}")
+            f"compile={args.compile}, amp={args.amp}"
+            + (f" | at the end: {args.score_samples} samples per prior scored" if args.score_samples else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,7 +588,9 @@ def summary(m):
     return (f"test eps-MSE {m['test_eps_mse']:.4f} | x-MSE {m['test_x_mse']:.4f} (sigma {m['decoder_sigma']:.3f}) "
             f"| -ELBO {m['test_bpd_standard']:.3f} bits/dim with the standard prior, "
             f"{m['test_bpd_fitted']:.3f} with the fitted one (decoder {m['test_bpd_recon']:.3f} + KL "
-            f"{m['test_bpd_kl_standard']:.3f} / {m['test_bpd_kl_fitted']:.3f})")
+            f"{m['test_bpd_kl_standard']:.3f} / {m['test_bpd_kl_fitted']:.3f})"
+            + "".join(f" | FD {s['fd']:.2f} with the {prior} prior ({s['n']} samples)"
+                      for prior, s in m.get("score", {}).items() if "fd" in s))
 
 
 def sweep(args):
@@ -686,6 +705,9 @@ def check_args(args):
     """The checks no single argparse type can make."""
     if args.sweep and args.resume:
         fail("--sweep evaluates finished runs; it does not combine with --resume")
+    if args.sweep and args.score_samples:
+        fail("--score-samples scores the run being trained; score a finished run with sample.py and score.py")
+    check_classifier(args)
 
 
 def number_at_least(convert, minimum, strict=False):
@@ -920,6 +942,47 @@ class Meter:
 def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def check_classifier(args):
+    """--score-samples needs score.py beside this script and a trained digit classifier:
+    checked before anything runs, so a long run cannot end without the score it was asked for."""
+    if not args.score_samples:
+        return
+    try:
+        import score  # noqa: F401 (only with --score-samples: each script runs without score.py)
+    except ImportError:
+        fail("--score-samples needs score.py, this project's sample scorer, beside this script")
+    if not os.path.isfile(args.classifier):
+        fail(f"--score-samples needs a digit classifier at {args.classifier}: train one with `python score.py "
+             f"--train-classifier --data-dir {args.data_dir}` (about a minute on 2 CPU cores) or pass --classifier")
+
+
+@torch.no_grad()
+def draw_and_score(args, draw, device, cost):
+    """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
+    batches of 256 from a fixed generator, and score them with score.py against as many real
+    test digits. Announces the cost, then the time to go after the first batch."""
+    import score
+    n, batch = args.score_samples, 256
+    log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
+    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+    t0, parts = time.perf_counter(), []
+    for i in range(0, n, batch):
+        parts.append(draw(min(batch, n - i), gen).float().clamp(0, 1).cpu())
+        if i == 0 and n > batch:
+            spent = time.perf_counter() - t0
+            log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
+    seconds, x = time.perf_counter() - t0, torch.cat(parts)
+    problem = score.sample_problem(x)
+    if problem:  # a diverged model: say so, keep the rest of the metrics
+        log(f"score: not scored: {problem}")
+        return {"n": n, "error": problem}
+    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed),
+              "sampling": cost, "sample_seconds": seconds}
+    log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
+        f"{result['recall']:.3f} | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+    return result
 
 
 def fail(message):

@@ -89,3 +89,34 @@ def run_script():
         )
 
     return run
+
+
+TINY_DDPM = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
+             "--batch-size", "32", "--max-steps", "2", "--eval-images", "0", "--num-samples", "4", "--device", "cpu"]
+TINY_VNE = ["--channels", "8", "--batch-size", "32", "--max-steps", "2", "--device", "cpu"]
+TINY_VAE = ["--hidden-dim", "16", "--latent-dim", "3", "--batch-size", "32", "--max-steps", "2",
+            "--iw-samples", "0", "--num-samples", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(fake_mnist, tmp_path_factory):
+    """sample.py's inputs: a tiny trained checkpoint of each kind: {kind: path}."""
+    import ddpm
+    import vae
+    import vae_no_encoder
+    root = tmp_path_factory.mktemp("ckpts")
+    ddpm.main(["--data-dir", fake_mnist, "--out-dir", str(root / "ddpm"), *TINY_DDPM])
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vae"), *TINY_VAE])
+    vae_no_encoder.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vne"), *TINY_VNE])
+    return {kind: str(root / folder / "ckpt.pt") for kind, folder in
+            (("ddpm", "ddpm"), ("vae", "vae"), ("vae_no_encoder", "vne"))}
+
+
+@pytest.fixture(scope="session")
+def classifier(fake_mnist, tmp_path_factory):
+    """A score.py classifier trained for a few steps on the fake MNIST: its checkpoint path."""
+    import score
+    path = str(tmp_path_factory.mktemp("clf") / "ckpt.pt")
+    score.main(["--train-classifier", "--data-dir", fake_mnist, "--classifier", path, "--max-steps", "6",
+                "--batch-size", "32", "--device", "cpu", "--log-every", "3"])
+    return path

@@ -6,27 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ddpm
 import sample
-import vae
-import vae_no_encoder
-
-TINY_DDPM = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
-             "--batch-size", "32", "--max-steps", "2", "--eval-images", "0", "--num-samples", "4", "--device", "cpu"]
-TINY_VNE = ["--channels", "8", "--batch-size", "32", "--max-steps", "2", "--device", "cpu"]
-TINY_VAE = ["--hidden-dim", "16", "--latent-dim", "3", "--batch-size", "32", "--max-steps", "2",
-            "--iw-samples", "0", "--num-samples", "4", "--device", "cpu"]
-
-
-@pytest.fixture(scope="session")
-def checkpoints(fake_mnist, tmp_path_factory):
-    """A tiny trained checkpoint of each kind: {kind: path}."""
-    root = tmp_path_factory.mktemp("ckpts")
-    ddpm.main(["--data-dir", fake_mnist, "--out-dir", str(root / "ddpm"), *TINY_DDPM])
-    vae.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vae"), *TINY_VAE])
-    vae_no_encoder.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vne"), *TINY_VNE])
-    return {kind: str(root / folder / "ckpt.pt") for kind, folder in
-            (("ddpm", "ddpm"), ("vae", "vae"), ("vae_no_encoder", "vne"))}
 
 
 def run(capsys, *argv):

@@ -130,14 +130,6 @@ def one_line_error(capsys, argv, *fragments):
     return err
 
 
-@pytest.fixture(scope="module")
-def classifier(fake_mnist, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("clf") / "ckpt.pt")
-    score.main(["--train-classifier", "--data-dir", fake_mnist, "--classifier", path, "--max-steps", "6",
-                "--batch-size", "32", "--device", "cpu", "--log-every", "3"])
-    return path
-
-
 def fake_samples(fake_mnist, n=40):
     import torchvision
     ds = torchvision.datasets.MNIST(fake_mnist, train=True, download=False)
@@ -205,3 +197,89 @@ def test_bad_inputs_are_one_line(classifier, fake_mnist, tmp_path, capsys):
     one_line_error(capsys, [str(good), "--classifier", str(tmp_path / "ddpm.pt")], "not a classifier checkpoint")
     one_line_error(capsys, [], "give one of")
     one_line_error(capsys, [str(good), "--reference"], "give one of")
+
+
+# --- what the other scripts hand to score.py ---------------------------------------------
+
+def test_score_an_npz_written_by_sample_py(checkpoints, classifier, fake_mnist, tmp_path, capsys):
+    import sample
+    arr = tmp_path / "ddpm.npz"
+    sample.main(["--ckpt", checkpoints["ddpm"], "--n", "24", "--save-array", str(arr), "--out", str(tmp_path / "g.png")])
+    score.main([str(arr), "--classifier", classifier, "--data-dir", fake_mnist, "--json", str(tmp_path / "s.json"),
+                "--device", "cpu"])
+    r = json.load(open(tmp_path / "s.json"))
+    assert r["n"] == 24 and r["n_real"] == 24 and r["samples"] == str(arr) and r["fd"] >= 0
+    assert "accuracy" not in r
+
+
+def test_png_grid_gives_back_the_images_save_image_drew(tmp_path):
+    from torchvision.utils import save_image
+    x = torch.rand(13, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x[5] = 0  # an all-black sample inside the grid is kept; only empty cells at the end are dropped
+    save_image(x, tmp_path / "g.png", nrow=4)  # 4 rows of 4: three empty cells
+    got = score.load_grid(str(tmp_path / "g.png"))
+    # save_image stores round(255 x) in 8 bits
+    assert got.shape == (13, 1, 28, 28)
+    assert torch.equal(got, torch.round(x * 255) / 255)
+
+
+def test_score_a_png_grid_end_to_end(classifier, fake_mnist, tmp_path, capsys):
+    from torchvision.utils import save_image
+    x, _ = fake_samples(fake_mnist, n=20)
+    save_image(torch.from_numpy(x), tmp_path / "grid.png", nrow=6)
+    score.main([str(tmp_path / "grid.png"), "--classifier", classifier, "--data-dir", fake_mnist,
+                "--json", str(tmp_path / "s.json"), "--device", "cpu"])
+    assert json.load(open(tmp_path / "s.json"))["n"] == 20
+    save_image(torch.from_numpy(x[:4]), tmp_path / "odd.png", nrow=4, padding=3)
+    one_line_error(capsys, [str(tmp_path / "odd.png"), "--classifier", classifier], "not a grid of 28 x 28 digits")
+    (tmp_path / "text.png").write_text("not an image")
+    one_line_error(capsys, [str(tmp_path / "text.png"), "--classifier", classifier], "not a readable PNG")
+
+
+TRAINING_SCRIPTS = {
+    "ddpm.py": ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
+                "--eval-images", "0", "--num-samples", "4"],
+    "vae.py": ["--hidden-dim", "16", "--latent-dim", "3", "--iw-samples", "0", "--num-samples", "4"],
+    "vae_no_encoder.py": ["--channels", "8"],
+}
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_training_scripts_score_their_samples(script, classifier, fake_mnist, tmp_path, run_script):
+    out = tmp_path / "run"
+    common = ["--data-dir", fake_mnist, "--out-dir", out, "--batch-size", 32, "--max-steps", 2, "--device", "cpu",
+              *TRAINING_SCRIPTS[script]]
+    # without a classifier: one line that says how to make one, before anything is trained or written
+    p = run_script(script, *common, "--score-samples", 300, "--classifier", tmp_path / "none.pt")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "score.py --train-classifier" in p.stderr and not out.exists()
+
+    p = run_script(script, *common, "--score-samples", 300, "--classifier", classifier)
+    assert p.returncode == 0, p.stderr
+    assert "at the end: 300" in p.stdout  # announced before training
+    lines = p.stdout.strip().splitlines()
+    metrics = json.load(open(out / "metrics.json"))
+    scored = metrics["score"].values() if script == "vae_no_encoder.py" else [metrics["score"]]
+    for s in scored:  # 300 samples: more than one batch of 256
+        assert s["n"] == 300 and s["n_real"] == 64 and s["fd"] >= 0 and 0 <= s["precision"] <= 1
+        assert f"FD {s['fd']:.2f}" in lines[-1]
+    assert "about" in p.stdout and "min to go" in p.stdout
+
+
+def test_ddpm_eval_only_scores_a_checkpoint(checkpoints, classifier, fake_mnist, tmp_path):
+    import shutil
+
+    import ddpm
+    shutil.copy(checkpoints["ddpm"], tmp_path / "ckpt.pt")
+    ddpm.main(["--eval-only", "--out-dir", str(tmp_path), "--data-dir", fake_mnist, "--device", "cpu",
+               "--eval-images", "0", "--num-samples", "4", "--sampler", "ddim", "--sample-steps", "3", "--eta", "1",
+               "--score-samples", "20", "--classifier", classifier])
+    s = json.load(open(tmp_path / "eval.json"))["score"]
+    assert s["n"] == 20 and s["sampling"].startswith("DDIM, eta 1, 3 network calls")
+
+
+def test_vne_sweep_does_not_score(fake_mnist, classifier, capsys):
+    import vae_no_encoder
+    with pytest.raises(SystemExit) as e:
+        vae_no_encoder.main(["--sweep", "a", "--score-samples", "10", "--classifier", classifier])
+    assert e.value.code == 2 and "--score-samples scores the run being trained" in capsys.readouterr().err
