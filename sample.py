@@ -157,10 +157,10 @@ def write_trajectory(draw, args, path, rows=8, columns=10):
 
 def vae_pictures(net, config, args, device, gen, out_stem):
     """Interpolation (of test digits with --data-dir, else random latents) and reconstructions."""
-    test = None
+    test = labels = None
     if args.data_dir is not None:
-        images, _ = vae.load_mnist(args.data_dir, train=False, device=device)
-        test = vae.to_model_data(images[:64], config["likelihood"], config["binarize"], generator=gen)
+        images, labels = vae.load_mnist(args.data_dir, train=False, device=device)
+        test, labels = vae.to_model_data(images[:64], config["likelihood"], config["binarize"], generator=gen), labels[:64]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         if args.interpolate:
             path = out_stem + "_interpolation.png"
@@ -174,7 +174,7 @@ def vae_pictures(net, config, args, device, gen, out_stem):
             log(f"wrote {path} (interpolation between {'random latents' if test is None else 'test digits'})")
         if args.reconstruct:
             path = out_stem + "_reconstructions.png"
-            vae.save_reconstructions(net, test, path)
+            vae.save_reconstructions(net, test, labels, path)
             log(f"wrote {path} (test inputs over reconstructions)")
 
 
