@@ -376,6 +376,38 @@ def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=0.0, gen
     return x
 
 
+@torch.no_grad()
+def inpaint(model_fn, sched, x0, known, parameterization, resample=1, generator=None):
+    """Fill in the unknown pixels of x0 (B,1,28,28) in [-1, 1], where known (same shape, 1 =
+    known, 0 = to fill) says which, with any trained model, no retraining: ancestral
+    sampling in which, after every reverse step, the known pixels are replaced by the forward
+    process applied to the known image at that noise level (the replacement method; Lugmayr
+    et al. 2022, eq. 8):
+
+        x_{t-1} = known * q_sample(x0, t-1) + (1 - known) * [mu_theta(x_t, t) + sigma_t z]
+
+    (at t = 0 the known pixels are x0 itself). The model only ever sees one step of the
+    known part, so the fill can disagree with it; RePaint's resampling (Lugmayr et al.,
+    Algorithm 1) repeats each step `resample` times, going back one step with the forward
+    transition x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z in between, so the fill and the
+    known pixels can harmonise. resample = 1 is the plain replacement method. T * resample
+    network calls."""
+    T, shape = sched["betas"].shape[0], x0.shape
+    noise = lambda: torch.randn(shape, device=x0.device, generator=generator)  # noqa: E731
+    x = noise()
+    for step in range(T - 1, -1, -1):
+        t = torch.full((shape[0],), step, device=x0.device, dtype=torch.long)
+        for r in range(resample):
+            mean = p_mean(sched, x, t, model_fn(x, t), parameterization)
+            unknown = mean if step == 0 else mean + at(sched["post_var"], t).sqrt() * noise()
+            known_part = x0 if step == 0 else q_sample(sched, x0, t - 1, noise())
+            x_prev = known * known_part + (1 - known) * unknown
+            if r + 1 < resample and step > 0:  # back to x_t, then the step again
+                x = at(1 - sched["betas"], t).sqrt() * x_prev + at(sched["betas"], t).sqrt() * noise()
+        x = x_prev
+    return x
+
+
 def sample(model_fn, sched, n, parameterization, sampler="ddpm", steps=None, eta=0.0, generator=None, on_step=None):
     """Draw n MNIST-shaped samples in [-1, 1] with the chosen sampler (DDIM: 50 steps unless told)."""
     shape = (n, 1, 28, 28)
