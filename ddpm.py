@@ -87,6 +87,10 @@ def make_parser():
     g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the lowest resolution")
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=False,
+                   help="condition on the digit's label (classifier-free guidance at sampling)")
+    g.add_argument("--p-uncond", type=float, default=0.1,
+                   help="--class-cond: probability that a training label is dropped (the model then learns p(x) too)")
 
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
@@ -98,7 +102,10 @@ def make_parser():
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (all T steps) or DDIM")
     g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    g.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
+    g.add_argument("--num-samples", type=positive_int, default=64,
+                   help="images per sample grid (--class-cond: num-samples // 10 per class, one row per class)")
+    g.add_argument("--guidance", type=float, default=0.0,
+                   help="--class-cond: guidance weight w, eps = (1 + w) eps(x, y) - w eps(x); 0 is the conditional model")
     g.add_argument("--score-samples", type=nonneg_int, default=0,
                    help="at the end (also with --eval-only): draw N samples with the sampler above and score "
                         "them with score.py (FD, IS, precision/recall; N >= 1000 for FDs that compare); 0: off")
@@ -108,7 +115,8 @@ def make_parser():
 
 
 # The flags that define a trained model: a resumed or evaluated run takes them from its checkpoint.
-MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout", "schedule", "timesteps", "pred")
+MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout", "schedule", "timesteps", "pred",
+              "class_cond")
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +138,8 @@ def build_model(config):
     """The U-Net described by a config dict (the argparse namespace, or a checkpoint's)."""
     return UNet(in_channels=1, out_channels=1, channels=config["channels"],
                 channel_mult=parse_channel_mult(config["channel_mult"]), num_blocks=config["num_blocks"],
-                attention=config["attention"], dropout=config["dropout"], block=config["arch"])
+                attention=config["attention"], dropout=config["dropout"], block=config["arch"],
+                num_classes=10 if config.get("class_cond") else None)  # older checkpoints: unconditional
 
 
 # ---------------------------------------------------------------------------------------
@@ -367,6 +376,38 @@ def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=0.0, gen
     return x
 
 
+@torch.no_grad()
+def inpaint(model_fn, sched, x0, known, parameterization, resample=1, generator=None):
+    """Fill in the unknown pixels of x0 (B,1,28,28) in [-1, 1], where known (same shape, 1 =
+    known, 0 = to fill) says which, with any trained model, no retraining: ancestral
+    sampling in which, after every reverse step, the known pixels are replaced by the forward
+    process applied to the known image at that noise level (the replacement method; Lugmayr
+    et al. 2022, eq. 8):
+
+        x_{t-1} = known * q_sample(x0, t-1) + (1 - known) * [mu_theta(x_t, t) + sigma_t z]
+
+    (at t = 0 the known pixels are x0 itself). The model only ever sees one step of the
+    known part, so the fill can disagree with it; RePaint's resampling (Lugmayr et al.,
+    Algorithm 1) repeats each step `resample` times, going back one step with the forward
+    transition x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z in between, so the fill and the
+    known pixels can harmonise. resample = 1 is the plain replacement method. T * resample
+    network calls."""
+    T, shape = sched["betas"].shape[0], x0.shape
+    noise = lambda: torch.randn(shape, device=x0.device, generator=generator)  # noqa: E731
+    x = noise()
+    for step in range(T - 1, -1, -1):
+        t = torch.full((shape[0],), step, device=x0.device, dtype=torch.long)
+        for r in range(resample):
+            mean = p_mean(sched, x, t, model_fn(x, t), parameterization)
+            unknown = mean if step == 0 else mean + at(sched["post_var"], t).sqrt() * noise()
+            known_part = x0 if step == 0 else q_sample(sched, x0, t - 1, noise())
+            x_prev = known * known_part + (1 - known) * unknown
+            if r + 1 < resample and step > 0:  # back to x_t, then the step again
+                x = at(1 - sched["betas"], t).sqrt() * x_prev + at(sched["betas"], t).sqrt() * noise()
+        x = x_prev
+    return x
+
+
 def sample(model_fn, sched, n, parameterization, sampler="ddpm", steps=None, eta=0.0, generator=None, on_step=None):
     """Draw n MNIST-shaped samples in [-1, 1] with the chosen sampler (DDIM: 50 steps unless told)."""
     shape = (n, 1, 28, 28)
@@ -376,7 +417,57 @@ def sample(model_fn, sched, n, parameterization, sampler="ddpm", steps=None, eta
 
 
 # ---------------------------------------------------------------------------------------
-# 6. The variational bound in bits/dim
+# 6. Conditioning on the label: classifier-free guidance
+# ---------------------------------------------------------------------------------------
+# With --class-cond the U-Net also takes the label y (an embedding added to the time
+# embedding). During training each label is replaced by the "no label" index with
+# probability p_uncond, so one network learns both p(x | y) and p(x) (Ho & Salimans 2022,
+# Algorithm 1; they found p_uncond = 0.1 and 0.2 about equal, 0.5 worse). The loss, the
+# samplers and the bound stay as they are: they call a model_fn(x_t, t) with the labels bound.
+
+NO_LABEL = 10  # unet.py's extra label index, 0..9 being the digits: the unconditional model
+
+
+def drop_labels(y, p_uncond, generator=None):
+    """Each label replaced by NO_LABEL with probability p_uncond (training only)."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
+    return torch.where(drop, torch.full_like(y, NO_LABEL), y)
+
+
+def with_labels(model_fn, y):
+    """model_fn(x_t, t, y) with the labels y bound: the (x_t, t) -> prediction of p(x | y)."""
+    return lambda x_t, t: model_fn(x_t, t, y)
+
+
+def guided(model_fn, y, w):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), as a model_fn(x_t, t):
+
+        eps~(x_t, t, y) = (1 + w) eps(x_t, t, y) - w eps(x_t, t, none)
+
+    w = 0 is the conditional model, w = -1 the unconditional one, larger w trades diversity for
+    samples the label's class is surer of. Other codebases write eps_u + s (eps_c - eps_u) with
+    s = 1 + w: the same thing. Both predictions come from one call on the doubled batch [x; x]
+    with labels [y; none], not two calls.
+
+    The raw output is combined, whatever the network predicts: eps, x0 and v are each affine
+    in the output with coefficients that depend on (x_t, t) only, and the weights 1 + w and
+    -w sum to 1, so combining outputs and then converting equals converting and then
+    combining. Guiding v or x0 is guiding eps (DDIM's x0 clipping comes after, on the result)."""
+    none = torch.full_like(y, NO_LABEL)
+
+    def model_fn_guided(x_t, t):
+        cond, uncond = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, none])).chunk(2)
+        return cond + w * (cond - uncond)
+    return model_fn_guided
+
+
+def for_labels(model_fn, y, w):
+    """What the samplers call to draw digits of the classes y: guided, or conditional at w = 0."""
+    return guided(model_fn, y, w) if w else with_labels(model_fn, y)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. The variational bound in bits/dim
 # ---------------------------------------------------------------------------------------
 # -log p(x_0) <= L = L_prior + sum_{t=1}^{T-1} L_t + L_0   (Ho eq. 5, 0-indexed)
 #   L_prior = KL(q(x_{T-1} | x_0) || N(0, I))                      no weights; ~0 if the schedule ends in noise
@@ -453,7 +544,7 @@ def vlb_bits_per_dim(model_fn, sched, x0, parameterization, generator=None):
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Exponential moving average of the weights
+# 8. Exponential moving average of the weights
 # ---------------------------------------------------------------------------------------
 # Samples from an average of the recent weights are markedly cleaner than from the last
 # weights (Ho et al. use decay 0.9999). A fixed 0.9999 averages over ~10,000 steps, which
@@ -473,15 +564,19 @@ def ema_update(ema_params, params, decay):
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Training
+# 9. Training
 # ---------------------------------------------------------------------------------------
 
 def train(args):
     device = setup(args)
-    ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay"))
+    ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps", "grad_clip",
+                                                       "ema_decay", "p_uncond"))
+    if args.guidance and not args.class_cond:
+        fail(f"--guidance applies to a --class-cond model; {args.out_dir}/ckpt.pt is unconditional")
     torch.manual_seed(args.seed)
-    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
-    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
+    train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
+    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    train_data = torch.cat([train_x.flatten(1), train_y[:, None].to(torch.uint8)], 1)  # a row: 784 pixels, label
     steps_per_epoch, total_steps = run_length(args, len(train_x))
     make_out_dir(args.out_dir)
 
@@ -494,7 +589,8 @@ def train(args):
     train_fn = make_model_fn(net, device, args.amp, args.compile)  # the checkpoint stores the plain modules
     ema_fn = make_model_fn(ema, device, args.amp, args.compile)    # a separate graph: it only infers
     log(f"ddpm: {sum(p.numel() for p in params) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, "
-        f"T={args.timesteps}, pred={args.pred} | {len(train_x)} train images, batch {args.batch_size}, "
+        f"T={args.timesteps}, pred={args.pred}" + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
+        + f" | {len(train_x)} train images, batch {args.batch_size}, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
         + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -506,10 +602,12 @@ def train(args):
     net.train()
     try:
         while step < total_steps:
-            for images in epoch_batches(train_x, step, steps_per_epoch, args):
+            for batch in epoch_batches(train_data, step, steps_per_epoch, args):
                 for group in opt.param_groups:  # linear warm-up of the learning rate
                     group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-                loss, t = diffusion_loss(train_fn, sched, to_model_range(images), args.pred)
+                images, labels = batch[:, :784].view(-1, 28, 28), batch[:, 784].long()
+                model_fn = with_labels(train_fn, drop_labels(labels, args.p_uncond)) if args.class_cond else train_fn
+                loss, t = diffusion_loss(model_fn, sched, to_model_range(images), args.pred)
                 opt.zero_grad(set_to_none=True)
                 loss.mean().backward()
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -532,11 +630,11 @@ def train(args):
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
 
-    finish(args, device, ema_fn, sched, test_x, meter, step, steps_per_epoch, time.perf_counter() - t_start,
+    finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
            sample_speed, sum(p.numel() for p in params))
 
 
-def finish(args, device, ema_fn, sched, test_x, meter, step, steps_per_epoch, wall, sample_speed, n_params):
+def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, sample_speed, n_params):
     """The end of a run: held-out metrics of the EMA weights, metrics.json and a summary line."""
     images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
     metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
@@ -544,13 +642,14 @@ def finish(args, device, ema_fn, sched, test_x, meter, step, steps_per_epoch, wa
                "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
                "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
                "parameters": n_params}
-    metrics.update(evaluate(ema_fn, sched, test_x, args, device))
+    metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
     if args.score_samples:
         metrics["score"] = score_ema(ema_fn, sched, args, device, sample_speed)
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
     log(f"done: {step} steps in {wall / 60:.1f} min | train loss {metrics['train_loss']:.4f} | test loss "
         f"{metrics['test_loss']:.4f}" + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
+        + (f" (label dropped: {metrics['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in metrics else "")
         + (f" | FD {metrics['score']['fd']:.2f} (N={args.score_samples})" if "fd" in metrics.get("score", {}) else "")
         + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
 
@@ -562,20 +661,27 @@ def to_model_range(images_u8):
 
 def save_grid(model_fn, sched, args, device, path):
     """Sample a grid with a fixed generator (the same noise every epoch, so grids compare),
-    write it, and return the sampling speed in images/s."""
+    write it, and return the sampling speed in images/s. --class-cond: one row per class 0..9
+    of num_samples // 10 samples each, guided with --guidance."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    n, nrow = args.num_samples, int(math.ceil(math.sqrt(args.num_samples)))
+    if args.class_cond:
+        nrow = max(1, args.num_samples // 10)
+        n, model_fn = 10 * nrow, for_labels(model_fn, torch.arange(10, device=device).repeat_interleave(nrow), args.guidance)
     t0 = time.perf_counter()
-    x = sample(model_fn, sched, args.num_samples, args.pred, args.sampler, args.sample_steps, args.eta, gen).cpu()
-    speed = args.num_samples / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
-    save_image((x + 1) / 2, path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
+    x = sample(model_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, gen).cpu()
+    speed = n / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
+    save_image((x + 1) / 2, path, nrow=nrow)
     return speed
 
 
 def sampler_cost(args):
     """The sampler of the grids in words, with its network calls per sample."""
+    guidance = f", guidance w = {args.guidance:g} (a doubled batch)" if args.class_cond and args.guidance else ""
+    calls = (args.timesteps if args.sampler == "ddpm" else args.sample_steps or 50) * (2 if guidance else 1)
     if args.sampler == "ddpm":
-        return f"ancestral, {args.timesteps} network calls per sample"
-    return f"DDIM, eta {args.eta:g}, {args.sample_steps or 50} network calls per sample"
+        return f"ancestral{guidance}, {calls} network calls per sample"
+    return f"DDIM, eta {args.eta:g}{guidance}, {calls} network calls per sample"
 
 
 def score_ema(ema_fn, sched, args, device, sample_speed=None):
@@ -583,37 +689,50 @@ def score_ema(ema_fn, sched, args, device, sample_speed=None):
     cost = sampler_cost(args) + (f"; about {args.score_samples / sample_speed / 60:.1f} min at the grids' speed"
                                  if sample_speed else "")
 
-    def draw(n, gen):  # [-1, 1] -> [0, 1]
-        return (sample(ema_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, gen) + 1) / 2
-    return draw_and_score(args, draw, device, cost)
+    def draw(n, gen, y=None):  # [-1, 1] -> [0, 1]; --class-cond: the classes y, the same number of each
+        model_fn = for_labels(ema_fn, y.to(device), args.guidance) if args.class_cond else ema_fn
+        return (sample(model_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, gen) + 1) / 2
+    labels = torch.arange(args.score_samples) % 10 if args.class_cond else None
+    return draw_and_score(args, draw, device, cost, labels)
 
 
 # ---------------------------------------------------------------------------------------
-# 9. Evaluation and main
+# 10. Evaluation and main
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model_fn, sched, test_x, args, device):
+def evaluate(model_fn, sched, test_x, test_y, args, device):
     """Held-out metrics: the simple loss on the whole test split (cheap) and the bound in
-    bits/dim on the first --eval-images test digits (T network calls each)."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    bits/dim on the first --eval-images test digits (T network calls each). With --class-cond
+    both are of p(x | y) with the true labels, and the bound also of p(x): the same network
+    with the label dropped. Since p(x) = sum_y p(y) p(x | y) >= p(y) p(x | y) with p(y) ~ 1/10,
+    -log p(x | y) >= -log p(x) - log 10, i.e. at most log2(10) / 784 = 0.0042 bits/dim less."""
     batch = max(args.batch_size, 256)
-    losses = [diffusion_loss(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
+
+    def fn(i):  # the model_fn for the test digits i .. i + batch
+        return with_labels(model_fn, test_y[i:i + batch]) if args.class_cond else model_fn
+
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    losses = [diffusion_loss(fn(i), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
               for i in range(0, len(test_x), batch)]
     metrics = {"test_loss": torch.cat(losses).mean().item()}
     n = min(args.eval_images, len(test_x))
-    if n > 0:
-        log(f"bound: {n} test images x {args.timesteps} timesteps = {n * args.timesteps:,} network calls "
-            f"(--eval-images sets how many)")
-        t0 = time.perf_counter()
-        parts = [vlb_bits_per_dim(model_fn, sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
+    if n == 0:
+        return metrics
+    bounds = {"": fn, "_uncond": lambda i: model_fn} if args.class_cond else {"": fn}
+    log(f"bound: {n} test images x {args.timesteps} timesteps x {len(bounds)} = {n * args.timesteps * len(bounds):,} "
+        f"network calls (--eval-images sets how many)")
+    for suffix, fn_at in bounds.items():
+        t0, gen = time.perf_counter(), torch.Generator(device=device).manual_seed(args.seed + 2)  # the same noise
+        parts = [vlb_bits_per_dim(fn_at(i), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
                  for i in range(0, n, batch)]
         for key in ("total", "prior", "kl", "decoder"):
-            metrics["test_bpd" if key == "total" else f"test_bpd_{key}"] = torch.cat([p[key] for p in parts]).mean().item()
-        metrics["test_bpd_images"] = n
-        log(f"bound: {metrics['test_bpd']:.4f} bits/dim (prior {metrics['test_bpd_prior']:.5f}, "
-            f"diffusion KLs {metrics['test_bpd_kl']:.4f}, decoder {metrics['test_bpd_decoder']:.4f}) "
+            metrics[f"test_bpd{suffix}" + ("" if key == "total" else f"_{key}")] = torch.cat([p[key] for p in parts]).mean().item()
+        what = " of -log p(x | y)" if suffix == "" and args.class_cond else " of -log p(x), label dropped" if suffix else ""
+        log(f"bound{what}: {metrics[f'test_bpd{suffix}']:.4f} bits/dim (prior {metrics[f'test_bpd{suffix}_prior']:.5f}, "
+            f"diffusion KLs {metrics[f'test_bpd{suffix}_kl']:.4f}, decoder {metrics[f'test_bpd{suffix}_decoder']:.4f}) "
             f"in {time.perf_counter() - t0:.1f}s")
+    metrics["test_bpd_images"] = n
     return metrics
 
 
@@ -623,15 +742,17 @@ def eval_only(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "ddpm")
     for key in MODEL_KEYS + ("seed",):
-        setattr(args, key, ckpt["config"][key])
+        setattr(args, key, ckpt["config"].get(key, False))  # class_cond: False in older checkpoints
+    if args.guidance and not args.class_cond:
+        fail(f"--guidance applies to a --class-cond model; {ckpt_path} is unconditional")
     sched = make_schedule(args.schedule, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
     ema_fn = make_model_fn(ema, device, args.amp, args.compile)
-    test_x, _ = load_mnist(args.data_dir, train=False, device=device)
+    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
-    metrics.update(evaluate(ema_fn, sched, test_x, args, device))
+    metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
     path = os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png")
     metrics["sample_images_per_sec"] = save_grid(ema_fn, sched, args, device, path)
     log(f"test loss {metrics['test_loss']:.4f} | wrote {path} at {metrics['sample_images_per_sec']:.1f} img/s")
@@ -686,6 +807,10 @@ def check_args(args):
             fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     if args.eta and args.sampler != "ddim":
         fail("--eta applies to --sampler ddim")
+    if not 0.0 <= args.p_uncond < 1.0:
+        fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    if args.guidance and not args.class_cond and not (args.eval_only or args.resume):  # those read it from the checkpoint
+        fail("--guidance applies to a --class-cond model")
     check_classifier(args)
 
 
@@ -925,17 +1050,20 @@ def check_classifier(args):
 
 
 @torch.no_grad()
-def draw_and_score(args, draw, device, cost):
+def draw_and_score(args, draw, device, cost, labels=None):
     """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
     batches of 256 from a fixed generator, and score them with score.py against as many real
-    test digits. Announces the cost, then the time to go after the first batch."""
+    test digits. Announces the cost, then the time to go after the first batch. With labels
+    (N intended classes) draw(n, generator, labels of the batch), and the score has the
+    classifier's accuracy on them."""
     import score
     n, batch = args.score_samples, 256
     log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     t0, parts = time.perf_counter(), []
     for i in range(0, n, batch):
-        parts.append(draw(min(batch, n - i), gen).float().clamp(0, 1).cpu())
+        images = draw(min(batch, n - i), gen) if labels is None else draw(min(batch, n - i), gen, labels[i:i + batch])
+        parts.append(images.float().clamp(0, 1).cpu())
         if i == 0 and n > batch:
             spent = time.perf_counter() - t0
             log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
@@ -944,10 +1072,11 @@ def draw_and_score(args, draw, device, cost):
     if problem:  # a diverged model: say so, keep the rest of the metrics
         log(f"score: not scored: {problem}")
         return {"n": n, "error": problem}
-    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed),
+    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed, labels=labels),
               "sampling": cost, "sample_seconds": seconds}
     log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
-        f"{result['recall']:.3f} | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+        f"{result['recall']:.3f}" + (f" | accuracy on the labels {result['accuracy']:.3f}" if labels is not None else "")
+        + f" | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
     return result
 
 

@@ -10,6 +10,9 @@ ever runs), and draws. Sampling is what each tutorial file explains; here it is 
     python sample.py --ckpt out/ddpm/ckpt.pt --sampler ddim --sample-steps 20 --trajectory
     python sample.py --ckpt out/ddpm/ckpt.pt --n 10000 --save-array samples.npz   # for other tools
     python sample.py --ckpt out/vae/ckpt.pt --interpolate --reconstruct --data-dir ../shared/mnist
+    python sample.py --ckpt out/ddpm_cond/ckpt.pt --per-class 8 --guidance 1           # conditional: a row per digit
+    python sample.py --ckpt out/ddpm_cond/ckpt.pt --per-class 4 --guidance-sweep 0,1,3,5
+    python sample.py --ckpt out/ddpm/ckpt.pt --inpaint bottom --data-dir ../shared/mnist --resample 5
 
 Writes the grid to --out (default: samples.png beside the checkpoint) and, on request, the raw
 samples as an .npz (key "samples": N x 1 x 28 x 28 float32 in [0, 1]), a trajectory strip
@@ -40,7 +43,8 @@ def make_parser():
     p = argparse.ArgumentParser(description="Draw samples from a ddpm, vae or vae_no_encoder checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by ddpm.py, vae.py or vae_no_encoder.py")
-    p.add_argument("--n", type=ddpm.positive_int, default=64, help="number of samples")
+    p.add_argument("--n", type=ddpm.positive_int, default=None,
+                   help="number of samples (default 64); --inpaint: number of test digits (default 8)")
     p.add_argument("--nrow", type=ddpm.positive_int, default=None, help="images per grid row (default: a square)")
     p.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -51,17 +55,32 @@ def make_parser():
                    help="torch.compile the network (default: on for CUDA only)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the network (default: on for CUDA only)")
+    g = p.add_argument_group("conditional checkpoints (ddpm.py --class-cond, vae.py --conditional)")
+    g.add_argument("--class", dest="classes", action="append", default=None, metavar="DIGITS",
+                   help="the digits to draw, e.g. --class 3 --class 7 or --class 3,7 (default: 0..9 in turn)")
+    g.add_argument("--per-class", type=ddpm.positive_int, default=None,
+                   help="K samples of each class, a row per class (instead of --n)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="ddpm: classifier-free guidance weight w (default: the training run's --guidance)")
+    g.add_argument("--guidance-sweep", default=None, metavar="W,W,...",
+                   help="ddpm: one picture with a block of rows per guidance weight, the same noise in each")
     g = p.add_argument_group("ddpm only")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="ancestral (default) or DDIM")
     g.add_argument("--sample-steps", type=ddpm.positive_int, default=None, help="DDIM steps (default 50)")
     g.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
     g.add_argument("--trajectory", action="store_true", help="also write a strip of x_t from noise to digit")
     g.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    g.add_argument("--inpaint", choices=["top", "bottom", "left", "right", "center"], default=None,
+                   help="hide this region of test digits (--data-dir) and let the model fill it in")
+    g.add_argument("--resample", type=ddpm.positive_int, default=None,
+                   help="--inpaint: RePaint resampling, each step repeated this many times (default 1)")
+    g.add_argument("--completions", type=ddpm.positive_int, default=None,
+                   help="--inpaint: completions per digit (default 4)")
     g = p.add_argument_group("vae only")
     g.add_argument("--interpolate", action="store_true",
                    help="also write an interpolation (between test digits with --data-dir, else random latents)")
     g.add_argument("--reconstruct", action="store_true", help="also write reconstructions of test digits (needs --data-dir)")
-    g.add_argument("--data-dir", default=None, help="MNIST, for --interpolate and --reconstruct")
+    g.add_argument("--data-dir", default=None, help="MNIST, for --interpolate and --reconstruct (and ddpm's --inpaint)")
     g = p.add_argument_group("vae_no_encoder only")
     g.add_argument("--prior", choices=["standard", "fitted"], default=None,
                    help="the prior z is drawn from (default: the one it was trained with)")
@@ -70,7 +89,8 @@ def make_parser():
 
 # Which flags apply to which kind: a flag given for another kind is an error, not ignored.
 ONLY_FOR = {"sampler": "ddpm", "sample_steps": "ddpm", "eta": "ddpm", "trajectory": "ddpm", "raw_weights": "ddpm",
-            "interpolate": "vae", "reconstruct": "vae", "data_dir": "vae", "prior": "vae_no_encoder"}
+            "guidance": "ddpm", "guidance_sweep": "ddpm", "inpaint": "ddpm", "resample": "ddpm", "completions": "ddpm",
+            "interpolate": "vae", "reconstruct": "vae", "prior": "vae_no_encoder"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,8 +132,9 @@ def ddpm_drawer(config, net, args, device, gen):
     sched = ddpm.make_schedule(config["schedule"], config["timesteps"], device)
     model_fn = ddpm.make_model_fn(net, device, args.amp, args.compile)
 
-    def draw(b, on_step=None):  # on_step(x) after every sampler step, x in [-1, 1]
-        x = ddpm.sample(model_fn, sched, b, config["pred"], args.sampler, args.sample_steps, args.eta,
+    def draw(b, y=None, on_step=None, w=None):  # on_step(x) after every sampler step, x in [-1, 1]
+        fn = model_fn if y is None else ddpm.for_labels(model_fn, y, args.guidance if w is None else w)
+        x = ddpm.sample(fn, sched, b, config["pred"], args.sampler, args.sample_steps, args.eta,
                         generator=gen, on_step=on_step)
         return (x + 1) / 2
     return draw
@@ -122,9 +143,9 @@ def ddpm_drawer(config, net, args, device, gen):
 def vae_drawer(config, net, args, device, gen):
     decode = vae.make_model_fn(net.decode, device, args.amp, args.compile)
 
-    def draw(b):
+    def draw(b, y=None):
         z = torch.randn((b, net.latent_dim), device=device, generator=gen)  # z ~ p(z) = N(0, I)
-        return net.mean(decode(z))  # decoder means: for Bernoulli the probabilities, not binary draws
+        return net.mean(decode(z, y))  # decoder means: for Bernoulli the probabilities, not binary draws
     return draw
 
 
@@ -132,7 +153,7 @@ def vae_no_encoder_drawer(config, net, args, device, gen):
     model_fn = vae_no_encoder.make_model_fn(net, device, args.amp, args.compile)
     prior = args.prior or config.get("prior", "fitted")
 
-    def draw(b):
+    def draw(b, y=None):
         x, _ = vae_no_encoder.generate(model_fn, net, b, prior, generator=gen)  # z ~ prior, decoded once
         return (x + 1) / 2
     return draw
@@ -142,13 +163,69 @@ DRAWERS = {"ddpm": ddpm_drawer, "vae": vae_drawer, "vae_no_encoder": vae_no_enco
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Extra pictures, and main
+# 3. Labels for conditional checkpoints, extra pictures, and main
 # ---------------------------------------------------------------------------------------
 
-def write_trajectory(draw, args, path, rows=8, columns=10):
-    """A strip per sample: x_t at evenly spaced steps of the sampler, from noise to the digit."""
+def class_labels(args):
+    """The label of each of the n samples: --per-class K: K of each class in turn (a grid row
+    per class); else the classes (default 0..9) cycled over --n."""
+    classes = args.classes or list(range(10))
+    if args.per_class:
+        return torch.tensor(classes).repeat_interleave(args.per_class)
+    return torch.tensor(classes).repeat(-(-args.n // len(classes)))[:args.n]
+
+
+def write_guidance_sweep(draw, args, labels, device, gen, path):
+    """One block of rows per guidance weight w, the same labels and the same noise in each
+    block, so the blocks differ by w alone; a blank row between blocks."""
+    ws = [float(w) for w in args.guidance_sweep.split(",")]
+    nrow = args.per_class or args.nrow or int(math.ceil(math.sqrt(len(labels))))
+    blocks = []
+    for w in ws:
+        gen.manual_seed(args.seed)  # the drawer's generator: the same noise for every w
+        x = torch.cat([draw(min(args.batch_size, len(labels) - i), labels[i:i + args.batch_size].to(device), w=w).cpu()
+                       for i in range(0, len(labels), args.batch_size)])
+        pad = (-len(x)) % nrow
+        blocks += [x, torch.zeros(pad + nrow, *x.shape[1:])]  # fill the last row, then one blank row
+    save_image(torch.cat(blocks[:-1]).clamp(0, 1), path, nrow=nrow)
+    log(f"wrote {path} (guidance w = {', '.join(f'{w:g}' for w in ws)}, a block of rows each)")
+
+
+HIDDEN = {"top": (slice(0, 14), slice(None)), "bottom": (slice(14, 28), slice(None)),
+          "left": (slice(None), slice(0, 14)), "right": (slice(None), slice(14, 28)),
+          "center": (slice(7, 21), slice(7, 21))}
+
+
+def write_inpainting(net, config, args, device, gen, path):
+    """Each row: a test digit with --inpaint's region hidden (grey), --completions fills of it
+    by the model (ddpm.inpaint), and the original."""
+    images, true_labels = ddpm.load_mnist(args.data_dir, train=False, device=device)
+    n, k = args.n or 8, args.completions or 4
+    x0 = ddpm.to_model_range(images[:n]).repeat_interleave(k, dim=0)   # k copies of each digit, in [-1, 1]
+    known = torch.ones_like(x0)
+    known[(slice(None), slice(None), *HIDDEN[args.inpaint])] = 0
+    model_fn = ddpm.make_model_fn(net, device, args.amp, args.compile)
+    if config.get("class_cond"):  # fill as the digit's own class, or as --class
+        y = torch.tensor(args.classes).repeat(n)[:n] if args.classes else true_labels[:n].cpu()
+        y = y.repeat_interleave(k).to(device)
+        model_fn = ddpm.for_labels(model_fn, y, args.guidance)
+    sched = ddpm.make_schedule(config["schedule"], config["timesteps"], device)
+    t0 = time.perf_counter()
+    filled = ddpm.inpaint(model_fn, sched, x0, known, config["pred"], args.resample or 1, gen)
+    log(f"inpainted {n} digits x {k} completions in {time.perf_counter() - t0:.1f}s "
+        f"({config['timesteps'] * (args.resample or 1)} network calls each)")
+    rows = [((x0 + 1) / 2 * known + 0.5 * (1 - known))[::k, None],          # the masked input
+            ((filled + 1) / 2).view(n, k, 1, 28, 28),                        # the completions
+            ((x0[::k] + 1) / 2)[:, None]]                                    # the original
+    save_image(torch.cat(rows, 1).reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=k + 2)
+    log(f"wrote {path} (rows: masked input, {k} completions, original; {args.inpaint} hidden)")
+
+
+def write_trajectory(draw, args, path, y=None, rows=8, columns=10):
+    """A strip per sample: x_t at evenly spaced steps of the sampler, from noise to the digit
+    (a conditional model: y, `rows` labels)."""
     xs = []
-    draw(rows, on_step=xs.append)  # every step's x (T of them for ddpm, the grid's for ddim)
+    draw(rows, y, on_step=xs.append)  # every step's x (T of them for ddpm, the grid's for ddim)
     keep = sorted({int(round(v)) for v in np.linspace(0, len(xs) - 1, columns)})  # fewer if fewer steps
     strip = torch.stack([(xs[i] + 1) / 2 for i in keep], dim=1)  # (rows, columns, 1, 28, 28)
     save_image(strip.reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=len(keep))
@@ -157,10 +234,10 @@ def write_trajectory(draw, args, path, rows=8, columns=10):
 
 def vae_pictures(net, config, args, device, gen, out_stem):
     """Interpolation (of test digits with --data-dir, else random latents) and reconstructions."""
-    test = None
+    test = labels = None
     if args.data_dir is not None:
-        images, _ = vae.load_mnist(args.data_dir, train=False, device=device)
-        test = vae.to_model_data(images[:64], config["likelihood"], config["binarize"], generator=gen)
+        images, labels = vae.load_mnist(args.data_dir, train=False, device=device)
+        test, labels = vae.to_model_data(images[:64], config["likelihood"], config["binarize"], generator=gen), labels[:64]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         if args.interpolate:
             path = out_stem + "_interpolation.png"
@@ -174,7 +251,7 @@ def vae_pictures(net, config, args, device, gen, out_stem):
             log(f"wrote {path} (interpolation between {'random latents' if test is None else 'test digits'})")
         if args.reconstruct:
             path = out_stem + "_reconstructions.png"
-            vae.save_reconstructions(net, test, path)
+            vae.save_reconstructions(net, test, labels, path)
             log(f"wrote {path} (test inputs over reconstructions)")
 
 
@@ -190,29 +267,38 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     net = load_network(ckpt, device, args.raw_weights)
+    if args.inpaint:
+        return write_inpainting(net, config, args, device, gen, out)
     draw = DRAWERS[kind](config, net, args, device, gen)
-    how = f" ({args.sampler}{f', {args.sample_steps or 50} steps, eta {args.eta}' if args.sampler == 'ddim' else ''})" \
-        if kind == "ddpm" else ""
+    labels = class_labels(args) if is_conditional(ckpt) else None
+    n = args.n if labels is None else len(labels)
+    how = f" ({args.sampler}{f', {args.sample_steps or 50} steps, eta {args.eta}' if args.sampler == 'ddim' else ''}" \
+        f"{f', guidance w = {args.guidance:g}' if labels is not None else ''})" if kind == "ddpm" else ""
     log(f"{kind} checkpoint {args.ckpt} (step {ckpt.get('step')}) on {device.type}, compile={args.compile}, "
-        f"amp={args.amp}: drawing {args.n} samples{how}")
+        f"amp={args.amp}: drawing {n} samples{how}" + ("" if labels is None else f" of the digits {sorted(set(labels.tolist()))}"))
+    if args.guidance_sweep:
+        return write_guidance_sweep(draw, args, labels, device, gen, out)
 
-    samples = np.empty((args.n, 1, 28, 28), dtype=np.float32)  # gathered on the host: device memory stays flat
+    samples = np.empty((n, 1, 28, 28), dtype=np.float32)  # gathered on the host: device memory stays flat
     t0 = time.perf_counter()
-    for i in range(0, args.n, args.batch_size):
-        samples[i:i + args.batch_size] = draw(min(args.batch_size, args.n - i)).float().clamp(0, 1).cpu().numpy()
+    for i in range(0, n, args.batch_size):
+        b = min(args.batch_size, n - i)
+        x = draw(b) if labels is None else draw(b, labels[i:i + b].to(device))
+        samples[i:i + b] = x.float().clamp(0, 1).cpu().numpy()
     seconds = time.perf_counter() - t0
-    speed = args.n / seconds
-    log(f"drew {args.n} samples in {seconds:.2f}s ({f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} images/s)")
+    speed = n / seconds
+    log(f"drew {n} samples in {seconds:.2f}s ({f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} images/s)")
     shown = torch.from_numpy(samples[:GRID_MAX])
-    save_image(shown, out, nrow=args.nrow or int(math.ceil(math.sqrt(len(shown)))))
-    log(f"wrote {out} ({len(shown)} images{'' if args.n <= GRID_MAX else f'; all {args.n} are in the array'})")
-    if args.save_array:
-        np.savez_compressed(args.save_array, samples=samples)
-        log(f"wrote {args.save_array} (samples: {samples.shape} float32 in [0, 1])")
+    save_image(shown, out, nrow=args.nrow or args.per_class or int(math.ceil(math.sqrt(len(shown)))))
+    log(f"wrote {out} ({len(shown)} images{'' if n <= GRID_MAX else f'; all {n} are in the array'})")
+    if args.save_array:  # with the labels asked for, for score.py's accuracy
+        np.savez_compressed(args.save_array, samples=samples, **({} if labels is None else {"labels": labels.numpy()}))
+        log(f"wrote {args.save_array} (samples: {samples.shape} float32 in [0, 1]{'' if labels is None else ', labels'})")
 
     stem = os.path.splitext(out)[0]
     if args.trajectory:
-        write_trajectory(draw, args, stem + "_trajectory.png")
+        y = None if labels is None else labels.repeat(8)[:8].to(device)
+        write_trajectory(draw, args, stem + "_trajectory.png", y)
     if args.interpolate or args.reconstruct:
         vae_pictures(net, config, args, device, gen, stem)
 
@@ -229,12 +315,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def is_conditional(ckpt):
+    return bool(ckpt["config"].get("class_cond") or ckpt["config"].get("conditional"))
+
+
 def check_flags(args, ckpt):
     """Flags for another kind of checkpoint, and the ones no argparse type can check alone."""
     kind = ckpt["kind"]
     for key, owner in ONLY_FOR.items():
         if owner != kind and getattr(args, key) not in (None, False):
             fail(f"--{key.replace('_', '-')} applies to {owner} checkpoints, and this one is {kind}")
+    if args.data_dir is not None and kind != "vae" and not args.inpaint:
+        fail(f"--data-dir applies to vae checkpoints and to --inpaint, and this one is {kind}")
+    check_conditional_flags(args, ckpt)
+    if args.inpaint:
+        if args.data_dir is None:
+            fail("--inpaint needs --data-dir (the test digits to hide a part of)")
+        if args.save_array or args.trajectory or args.guidance_sweep or args.per_class:
+            fail("--inpaint draws one picture: it does not combine with --save-array, --trajectory, "
+                 "--guidance-sweep or --per-class")
+    elif args.resample is not None or args.completions is not None:
+        fail("--resample and --completions apply to --inpaint")
+    args.n = args.n or (8 if args.inpaint else 64)
     if kind == "ddpm":
         T = ckpt["config"]["timesteps"]
         args.sampler = args.sampler or "ddpm"
@@ -245,10 +347,42 @@ def check_flags(args, ckpt):
             fail(f"--sample-steps {args.sample_steps} is more than the model's T = {T}")
         if args.eta < 0:
             fail(f"--eta must be >= 0, got {args.eta}")
+    if args.guidance_sweep and (args.save_array or args.trajectory):
+        fail("--guidance-sweep draws one picture: save arrays one --guidance at a time")
+    if kind == "vae" and args.interpolate and is_conditional(ckpt):
+        fail("--interpolate walks between latents of one label; this VAE is conditional (its style grid is "
+             "style.png of the training run)")
     if kind == "vae" and args.reconstruct and args.data_dir is None:
         fail("--reconstruct needs --data-dir (the test digits to reconstruct)")
     if args.save_array is not None and not args.save_array.endswith(".npz"):
         fail(f"--save-array writes an .npz file, got {args.save_array!r}")
+
+
+def check_conditional_flags(args, ckpt):
+    """--class, --per-class, --guidance[-sweep]: for conditional checkpoints only, digits 0..9."""
+    given = [f for f, v in (("--class", args.classes), ("--per-class", args.per_class), ("--guidance", args.guidance),
+                            ("--guidance-sweep", args.guidance_sweep)) if v is not None]
+    if not is_conditional(ckpt):
+        if given:
+            fail(f"{given[0]} applies to conditional checkpoints (ddpm.py --class-cond, vae.py --conditional); "
+                 f"{args.ckpt} is unconditional")
+        return
+    if args.classes is not None:
+        try:
+            args.classes = [int(v) for text in args.classes for v in text.split(",")]
+        except ValueError:
+            fail(f"--class takes digits 0..9, e.g. --class 3 or --class 3,7; got {' '.join(args.classes)!r}")
+        if not all(0 <= c <= 9 for c in args.classes):
+            fail(f"--class takes digits 0..9, got {args.classes}")
+    if args.per_class and args.n is not None:
+        fail("--per-class K draws K of each class: give it or --n, not both")
+    if ckpt["kind"] == "ddpm":
+        args.guidance = ckpt["config"].get("guidance", 0.0) if args.guidance is None else args.guidance
+        if args.guidance_sweep is not None:
+            try:
+                [float(w) for w in args.guidance_sweep.split(",")]
+            except ValueError:
+                fail(f"--guidance-sweep takes weights like 0,1,3,5; got {args.guidance_sweep!r}")
 
 
 def check_outputs(args):

@@ -102,6 +102,8 @@ def make_parser():
                    help="gaussian: fixed decoder std on the [0, 1] scale, or 'learned' (per pixel, by the "
                         "decoder; the default)")
     p.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE); 1 is the ELBO")
+    p.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False,
+                   help="a conditional VAE (Sohn et al. 2015): q(z | x, y) and p(x | z, y) with the digit's label y")
     return p
 
 
@@ -113,31 +115,34 @@ def make_parser():
 #   decoder: (B, latent_dim) -> (B, out_channels, 28, 28) per-pixel distribution parameters
 # The encoder predicts log sigma^2 rather than sigma: it is unconstrained, and exp() keeps
 # the variance positive.
+# A conditional VAE (--conditional) also gives both networks the label as a one-hot vector
+# c (B, 10): the MLPs read [x | c] and [z | c]; the CNN encoder reads c as 10 extra constant
+# image channels, the CNN decoder [z | c]. Unconditional networks are called with c = None.
 
 class MLPEncoder(nn.Module):
     """784 -> hidden -> 2L with one ReLU hidden layer (the MNIST model of Kingma & Welling,
     appendix C, with ReLU for tanh). mu and log sigma^2 come out of one Linear: one matmul."""
 
-    def __init__(self, latent_dim, hidden_dim):
+    def __init__(self, latent_dim, hidden_dim, num_classes=0):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(D, hidden_dim), nn.ReLU(),
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(D + num_classes, hidden_dim), nn.ReLU(),
                                  nn.Linear(hidden_dim, 2 * latent_dim))
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x, c=None):
+        return self.net(with_label(x.flatten(1), c))  # (Flatten is then a no-op; it keeps the weights' names)
 
 
 class MLPDecoder(nn.Module):
     """L -> hidden -> out_channels * 784, reshaped to images."""
 
-    def __init__(self, latent_dim, hidden_dim, out_channels):
+    def __init__(self, latent_dim, hidden_dim, out_channels, num_classes=0):
         super().__init__()
         self.out_channels = out_channels
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(),
+        self.net = nn.Sequential(nn.Linear(latent_dim + num_classes, hidden_dim), nn.ReLU(),
                                  nn.Linear(hidden_dim, out_channels * D))
 
-    def forward(self, z):
-        return self.net(z).view(-1, self.out_channels, 28, 28)
+    def forward(self, z, c=None):
+        return self.net(with_label(z, c)).view(-1, self.out_channels, 28, 28)
 
 
 class ConvEncoder(nn.Module):
@@ -145,15 +150,17 @@ class ConvEncoder(nn.Module):
     (B,1,28,28) -> (B,c,14,14) -> (B,2c,7,7) -> (B, 2L).
     A 4x4 kernel with stride 2 and padding 1 maps n to exactly n/2 for even n."""
 
-    def __init__(self, latent_dim, channels):
+    def __init__(self, latent_dim, channels, num_classes=0):
         super().__init__()
         c = channels
         self.net = nn.Sequential(
-            nn.Conv2d(1, c, 4, stride=2, padding=1), nn.ReLU(),        # 28 -> 14
-            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.ReLU(),    # 14 -> 7
+            nn.Conv2d(1 + num_classes, c, 4, stride=2, padding=1), nn.ReLU(),  # 28 -> 14
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.ReLU(),            # 14 -> 7
             nn.Flatten(), nn.Linear(2 * c * 7 * 7, 2 * latent_dim))
 
-    def forward(self, x):
+    def forward(self, x, c=None):
+        if c is not None:  # the one-hot label as constant planes: (B, 1 + 10, 28, 28)
+            x = torch.cat([x, c[:, :, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], 1)
         return self.net(x)
 
 
@@ -163,17 +170,22 @@ class ConvDecoder(nn.Module):
     A transposed conv with kernel 4, stride 2, padding 1 gives (n - 1)*2 - 2 + 4 = 2n: exactly
     28 from 7, with no cropping and no output_padding."""
 
-    def __init__(self, latent_dim, channels, out_channels):
+    def __init__(self, latent_dim, channels, out_channels, num_classes=0):
         super().__init__()
         c = channels
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, 2 * c * 7 * 7), nn.ReLU(),
+            nn.Linear(latent_dim + num_classes, 2 * c * 7 * 7), nn.ReLU(),
             nn.Unflatten(1, (2 * c, 7, 7)),
             nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),   # 7 -> 14
             nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1))     # 14 -> 28
 
-    def forward(self, z):
-        return self.net(z)
+    def forward(self, z, c=None):
+        return self.net(with_label(z, c))
+
+
+def with_label(v, c):
+    """[v | c]: a (B, n) input with the one-hot label (B, 10) appended; v itself if c is None."""
+    return v if c is None else torch.cat([v, c.to(v.dtype)], 1)
 
 
 # Soft floor of a learned log sigma (VAE.gaussian_params): a pure guard against a runaway
@@ -194,7 +206,7 @@ class VAE(nn.Module):
     """
 
     def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, channels=32,
-                 likelihood="bernoulli", sigma="learned"):
+                 likelihood="bernoulli", sigma="learned", conditional=False):
         super().__init__()
         if arch not in ("mlp", "cnn"):
             raise ValueError(f"unknown arch {arch!r}: use 'mlp' or 'cnn'")
@@ -203,32 +215,45 @@ class VAE(nn.Module):
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.latent_dim = latent_dim
+        self.num_classes = 10 if conditional else 0
         self.likelihood = likelihood
         self.learned_sigma = likelihood == "gaussian" and sigma == "learned"
         # A fixed sigma is a constant of the model, not a weight: it lives in the config, as the
         # text of --sigma ("0.1"; older checkpoints hold the float 0.1, which float() reads too).
         self.fixed_sigma = None if (likelihood == "bernoulli" or self.learned_sigma) else float(sigma)
         out_channels = 2 if self.learned_sigma else 1
+        k = self.num_classes
         if arch == "mlp":
-            self.encoder = MLPEncoder(latent_dim, hidden_dim)
-            self.decoder = MLPDecoder(latent_dim, hidden_dim, out_channels)
+            self.encoder = MLPEncoder(latent_dim, hidden_dim, k)
+            self.decoder = MLPDecoder(latent_dim, hidden_dim, out_channels, k)
         else:
-            self.encoder = ConvEncoder(latent_dim, channels)
-            self.decoder = ConvDecoder(latent_dim, channels, out_channels)
+            self.encoder = ConvEncoder(latent_dim, channels, k)
+            self.decoder = ConvDecoder(latent_dim, channels, out_channels, k)
 
-    def encode(self, x):
-        """(B,1,28,28) -> mu, logvar, each (B, L): the parameters of q(z | x)."""
-        return self.encoder(x).float().chunk(2, dim=1)
+    def one_hot(self, y):
+        """Labels (B,) -> one-hot (B, 10) for a conditional VAE; None for an unconditional one."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError("this VAE is unconditional: call it without labels")
+            return None
+        if y is None:
+            raise ValueError("this VAE is conditional (a CVAE): it needs the labels y")
+        return F.one_hot(y, self.num_classes)
 
-    def decode(self, z):
-        """(B, L) -> raw decoder output (B, out_channels, 28, 28); see log_likelihood / mean."""
-        return self.decoder(z).float()
+    def encode(self, x, y=None):
+        """(B,1,28,28) [, labels (B,)] -> mu, logvar, each (B, L): the parameters of q(z | x[, y])."""
+        return self.encoder(x, self.one_hot(y)).float().chunk(2, dim=1)
 
-    def forward(self, x, eps):
+    def decode(self, z, y=None):
+        """(B, L) [, labels (B,)] -> raw decoder output (B, out_channels, 28, 28); see
+        log_likelihood / mean."""
+        return self.decoder(z, self.one_hot(y)).float()
+
+    def forward(self, x, eps, y=None):
         """The ELBO's pass: q(z | x), the sample z = mu + sigma * eps (sec. 3), its decoding.
-        (B,1,28,28), (B, L) -> decoder output, mu, logvar."""
-        mu, logvar = self.encode(x)
-        return self.decode(reparameterize(mu, logvar, eps)), mu, logvar
+        (B,1,28,28), (B, L) [, labels (B,)] -> decoder output, mu, logvar."""
+        mu, logvar = self.encode(x, y)
+        return self.decode(reparameterize(mu, logvar, eps), y), mu, logvar
 
     def log_likelihood(self, x, out):
         """log p(x | z) summed over the 784 pixels: (B,1,28,28), (B,C,28,28) -> (B,)."""
@@ -255,13 +280,14 @@ class VAE(nn.Module):
         return self.gaussian_params(out)[0]
 
 
-MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize")
+MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize", "conditional")
 
 
 def build_model(config):
     """The VAE described by a config dict (the argparse namespace, or a checkpoint's)."""
     return VAE(arch=config["arch"], latent_dim=config["latent_dim"], hidden_dim=config["hidden_dim"],
-               channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"])
+               channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"],
+               conditional=config.get("conditional", False))  # older checkpoints: unconditional
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,16 +367,18 @@ def log_normal_diag(z, mu, logvar):
 # 4. The ELBO (training objective) and the IWAE bound (evaluation)
 # ---------------------------------------------------------------------------------------
 
-def elbo_terms(model_fn, model, x, eps):
+def elbo_terms(model_fn, model, x, eps, y=None):
     """One-sample estimate of the two ELBO terms per image: (B,) reconstruction, (B,) KL.
 
         recon = -log p(x | z),  z = mu + sigma eps      (a Monte Carlo estimate, eq. 4)
         kl    = KL(q(z | x) || p(z))                    (exact, eq. 10)
         negative ELBO = recon + kl  >=  -log p(x)
 
-    model_fn(x, eps) -> (out, mu, logvar) is the VAE's forward pass (perhaps compiled, the
-    networks perhaps in bf16; its outputs fp32); model.log_likelihood reads the output."""
-    out, mu, logvar = model_fn(x, eps)
+    model_fn(x, eps[, y]) -> (out, mu, logvar) is the VAE's forward pass (perhaps compiled, the
+    networks perhaps in bf16; its outputs fp32); model.log_likelihood reads the output.
+    A conditional VAE (Sohn et al. 2015, eq. 4) with labels y: the same terms with q(z | x, y)
+    and p(x | z, y), and p(z | y) = N(0, I): a bound on -log p(x | y)."""
+    out, mu, logvar = model_fn(x, eps) if y is None else model_fn(x, eps, y)
     zeros = torch.zeros_like(mu)  # p(z) = N(0, I): mean 0, log variance 0
     return -model.log_likelihood(x, out), normal_kl(mu, logvar, zeros, zeros).sum(dim=1)
 
@@ -427,31 +455,38 @@ def bits_per_dim_dequantized(nll_nats):
 @torch.no_grad()
 def save_samples(net, path, args, device):
     """Decoder means of --num-samples prior samples z ~ N(0, I), the same z every call (a fixed
-    generator), so the grids of successive epochs show the same latent points."""
+    generator), so the grids of successive epochs show the same latent points. A CVAE: one
+    row per digit 0..9, num_samples // 10 samples each."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    z = torch.randn((args.num_samples, net.latent_dim), device=device, generator=gen)
+    n, nrow, y = args.num_samples, int(math.ceil(math.sqrt(args.num_samples))), None
+    if net.num_classes:
+        nrow = max(1, args.num_samples // 10)
+        n, y = 10 * nrow, torch.arange(10, device=device).repeat_interleave(nrow)
+    z = torch.randn((n, net.latent_dim), device=device, generator=gen)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-        images = net.mean(net.decode(z))
-    save_image(images.cpu(), path, nrow=int(math.ceil(math.sqrt(args.num_samples))))
+        images = net.mean(net.decode(z, y))
+    save_image(images.cpu(), path, nrow=nrow)
 
 
 def score_prior_samples(net, args, device):
     """--score-samples N: the decoder means of N prior draws z ~ N(0, I), as in the grids,
-    scored by score.py."""
-    def draw(n, gen):
+    scored by score.py. A CVAE: the ten digits equally often, and the classifier's accuracy
+    on the labels asked for."""
+    def draw(n, gen, y=None):
         z = torch.randn((n, net.latent_dim), device=device, generator=gen)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            return net.mean(net.decode(z))
-    return draw_and_score(args, draw, device, "decoder means of z ~ N(0, I), one decoder pass per sample")
+            return net.mean(net.decode(z, None if y is None else y.to(device)))
+    labels = torch.arange(args.score_samples) % 10 if net.num_classes else None
+    return draw_and_score(args, draw, device, "decoder means of z ~ N(0, I), one decoder pass per sample", labels)
 
 
 @torch.no_grad()
-def save_reconstructions(net, test_data, path, n=16):
+def save_reconstructions(net, test_data, test_y, path, n=16):
     """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
-    the decoder means at the posterior means z = mu(x)."""
-    x = test_data[:2 * n]
-    mu, _ = net.encode(x)
-    recon = net.mean(net.decode(mu))
+    the decoder means at the posterior means z = mu(x) (a CVAE: mu(x, y), decoded with y)."""
+    x, y = test_data[:2 * n], test_y[:2 * n] if net.num_classes else None
+    mu, _ = net.encode(x, y)
+    recon = net.mean(net.decode(mu, y))
     rows = [x[:n], recon[:n], x[n:], recon[n:]]
     save_image(torch.cat(rows).cpu(), path, nrow=n)
 
@@ -465,6 +500,23 @@ def save_interpolation(net, test_data, path, pairs=8, steps=10):
     a = torch.linspace(0, 1, steps, device=x.device).view(1, steps, 1)
     z = (1 - a) * mu[:pairs, None] + a * mu[pairs:, None]           # (pairs, steps, L)
     save_image(net.mean(net.decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
+
+
+@torch.no_grad()
+def save_style(net, test_data, test_y, path, rows=4):
+    """A CVAE: what z holds once the label is given. Each row decodes one z with each label
+    0..9 (columns 2 to 11). The top rows: z ~ N(0, I) (first column blank); the bottom rows:
+    the posterior mean z = mu(x, y) of a test digit x (shown in the first column), that digit's
+    style redrawn as every digit."""
+    device = test_data.device
+    x = test_data[:rows]
+    z_prior = torch.randn((rows, net.latent_dim), device=device, generator=torch.Generator(device=device).manual_seed(0))
+    z_post, _ = net.encode(x, test_y[:rows])
+    z = torch.cat([z_prior, z_post])                                           # (2 rows, L)
+    labels = torch.arange(10, device=device).repeat(len(z))                    # 0..9 for each z
+    decoded = net.mean(net.decode(z.repeat_interleave(10, dim=0), labels)).view(len(z), 10, 1, 28, 28)
+    first = torch.cat([torch.zeros_like(x), x]).view(len(z), 1, 1, 28, 28)
+    save_image(torch.cat([first, decoded], 1).reshape(-1, 1, 28, 28).cpu(), path, nrow=11)
 
 
 @torch.no_grad()
@@ -491,7 +543,7 @@ def save_latent_space(net, test_data, labels, path, size=280):
     each posterior mean mu(x) is a 3x3 dot in its class colour (PALETTE) on a white canvas.
     The axes are Phi(z) in [0, 1], the coordinates of manifold.png, so both pictures align.
     A strip of ten swatches under the canvas shows the colours of 0, 1, ..., 9 left to right."""
-    mu, _ = net.encode(test_data)
+    mu, _ = net.encode(test_data, labels if net.num_classes else None)
     u = 0.5 * (1 + torch.erf(mu.cpu() / math.sqrt(2)))                # Phi(z) in (0, 1)
     col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
     row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
@@ -508,11 +560,17 @@ def save_pictures(net, test_x, test_y, args, device, prefix=""):
     """Everything drawn at the end of a run (or by --eval-only), the networks in the precision
     of training (bf16 with --amp), on the test digits that evaluate() scores."""
     test_data = eval_data(test_x, args, device)
-    paths = [os.path.join(args.out_dir, prefix + name) for name in ("reconstructions.png", "interpolation.png")]
+    # A CVAE draws its style grid in place of the interpolation and the manifold, which would
+    # need one label for the whole picture.
+    names = ("reconstructions.png", "style.png" if net.num_classes else "interpolation.png")
+    paths = [os.path.join(args.out_dir, prefix + name) for name in names]
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-        save_reconstructions(net, test_data, paths[0])
-        save_interpolation(net, test_data, paths[1])
-        if args.latent_dim == 2:
+        save_reconstructions(net, test_data, test_y, paths[0])
+        if net.num_classes:
+            save_style(net, test_data, test_y, paths[1])
+        else:
+            save_interpolation(net, test_data, paths[1])
+        if args.latent_dim == 2 and not net.num_classes:
             paths.append(os.path.join(args.out_dir, prefix + "manifold.png"))
             save_manifold(net, paths[-1])
             paths.append(os.path.join(args.out_dir, prefix + "latent_space.png"))
@@ -534,8 +592,9 @@ def train(args):
     if isinstance(args.sigma, float):  # older checkpoints stored a fixed sigma as a float
         args.sigma = str(args.sigma)
     torch.manual_seed(args.seed)
-    train_x, _ = load_mnist(args.data_dir, train=True, device=device)
+    train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    train_data = torch.cat([train_x.flatten(1), train_y[:, None].to(torch.uint8)], 1)  # a row: 784 pixels, label
     steps_per_epoch, total_steps = run_length(args, len(train_x))
     make_out_dir(args.out_dir)  # only now: bad input leaves no folder behind
     net = build_model(vars(args)).to(device)
@@ -553,10 +612,10 @@ def train(args):
     net.train()
     try:
         while step < total_steps:
-            for images in epoch_batches(train_x, step, steps_per_epoch, args):
-                x = to_model_data(images, args.likelihood, args.binarize)  # a fresh binarization first,
-                eps = torch.randn(x.shape[0], args.latent_dim, device=device)  # then eps ~ N(0, I)
-                recon, kl = elbo_terms(model_fn, net, x, eps)
+            for batch in epoch_batches(train_data, step, steps_per_epoch, args):
+                x = to_model_data(batch[:, :784].view(-1, 28, 28), args.likelihood, args.binarize)  # a fresh
+                eps = torch.randn(x.shape[0], args.latent_dim, device=device)  # binarization first, then eps
+                recon, kl = elbo_terms(model_fn, net, x, eps, batch[:, 784].long() if args.conditional else None)
                 loss = vae_loss(recon, kl, args.beta)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -597,7 +656,7 @@ def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per
                "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
     # Evaluation and pictures use the plain module, not the compiled one: their batch shapes vary
     # (a compiled graph would recompile for each).
-    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
+    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, test_y, args, device))
     save_pictures(net, test_x, test_y, args, device)
     if args.score_samples:
         metrics["score"] = score_prior_samples(net, args, device)
@@ -613,7 +672,8 @@ def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
     n_params = sum(p.numel() for p in net.parameters())
     data = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
         " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
-    return (f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}), {args.likelihood}{data}, "
+    return (f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}"
+            f"{', conditional on the label' if args.conditional else ''}), {args.likelihood}{data}, "
             f"beta {args.beta} | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
             f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
             + (f" | at the end: {args.score_samples} prior samples scored" if args.score_samples else ""))
@@ -631,20 +691,25 @@ def eval_data(test_x, args, device):
 
 
 @torch.no_grad()
-def evaluate(model_fn, model, test_x, args, device):
+def evaluate(model_fn, model, test_x, test_y, args, device):
     """Held-out metrics in nats per image (beta = 1: the bound, whatever beta trained):
     negative ELBO = reconstruction + KL over the whole test split, and the IWAE NLL estimate
     -L_K on the first --iw-images digits with K = --iw-samples. Gaussian: also bits/dim.
-    model_fn: the forward pass x, eps -> out, mu, logvar; model: the VAE (likelihood, encode,
-    decode); test_x: the uint8 test images (N, 28, 28)."""
+    model_fn: the forward pass x, eps[, y] -> out, mu, logvar; model: the VAE (likelihood,
+    encode, decode); test_x, test_y: the uint8 test images (N, 28, 28) and their labels.
+    A conditional VAE is given the true labels: its bounds are on -log p(x | y)."""
     test_data = eval_data(test_x, args, device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     batch = max(args.batch_size, 256)
+
+    def labels(i, j):  # the labels of test digits i..j for a CVAE, else None
+        return test_y[i:j] if model.num_classes else None
+
     recon, kl = [], []
     for i in range(0, len(test_data), batch):
         x = test_data[i:i + batch]
         eps = torch.randn((x.shape[0], model.latent_dim), device=device, generator=gen)
-        r, k = elbo_terms(model_fn, model, x, eps)
+        r, k = elbo_terms(model_fn, model, x, eps, labels(i, i + batch))
         recon.append(r)
         kl.append(k)
     recon, kl = torch.cat(recon), torch.cat(kl)
@@ -653,7 +718,8 @@ def evaluate(model_fn, model, test_x, args, device):
     # learned per-pixel sigma can be overconfident on a few test digits (ink where the training
     # digits never had any), whose huge per-image cost then dominates the mean.
     m = {"test_neg_elbo": neg_elbo.mean().item(), "test_recon": recon.mean().item(), "test_kl": kl.mean().item(),
-         "test_neg_elbo_median": neg_elbo.median().item(), "test_images": len(test_data)}
+         "test_neg_elbo_median": neg_elbo.median().item(), "test_images": len(test_data),
+         "bound_of": "-log p(x | y), true labels" if model.num_classes else "-log p(x)"}
     gaussian = args.likelihood == "gaussian"
     if gaussian:
         m["test_bpd"] = bits_per_dim_dequantized(m["test_neg_elbo"])
@@ -667,11 +733,15 @@ def evaluate(model_fn, model, test_x, args, device):
         log(f"IWAE: {n} test images x K = {K} samples = {n * K:,} decoder calls "
             f"(--iw-images, --iw-samples set how many)")
         t0 = time.perf_counter()
-        log_lik_z = lambda x, z: model.log_likelihood(x, model.decode(z))  # noqa: E731  log p(x | z) from z
         group = 16  # images per IWAE call; each call draws K samples in chunks of ~4096 rows
+
+        def bound(i, j):  # iwae_bound of test digits i..j: encode x -> mu, logvar; log p(x | z) from z
+            y = labels(i, j)  # the K samples of z are stacked sample-major, so row r has label y[r % B]
+            return iwae_bound(lambda x: model.encode(x, y),
+                              lambda x, z: model.log_likelihood(x, model.decode(z, None if y is None else y.repeat(len(z) // len(y)))),
+                              test_data[i:j], K, generator=gen)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # the networks as model_fn runs them
-            bounds = torch.cat([iwae_bound(model.encode, log_lik_z, test_data[i:min(i + group, n)], K, generator=gen)
-                                for i in range(0, n, group)])
+            bounds = torch.cat([bound(i, min(i + group, n)) for i in range(0, n, group)])
         m.update({"test_iwae_nll": -bounds.mean().item(), "test_iwae_k": K, "test_iwae_images": n,
                   "test_neg_elbo_iwae_images": neg_elbo[:n].mean().item()})
         if gaussian:
@@ -708,7 +778,7 @@ def eval_only(args):
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']})")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
-    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, args, device))
+    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, test_y, args, device))
     save_samples(net, os.path.join(args.out_dir, "eval_samples.png"), args, device)
     save_pictures(net, test_x, test_y, args, device, prefix="eval_")
     if args.score_samples:
@@ -997,17 +1067,20 @@ def check_classifier(args):
 
 
 @torch.no_grad()
-def draw_and_score(args, draw, device, cost):
+def draw_and_score(args, draw, device, cost, labels=None):
     """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
     batches of 256 from a fixed generator, and score them with score.py against as many real
-    test digits. Announces the cost, then the time to go after the first batch."""
+    test digits. Announces the cost, then the time to go after the first batch. With labels
+    (N intended classes) draw(n, generator, labels of the batch), and the score has the
+    classifier's accuracy on them."""
     import score
     n, batch = args.score_samples, 256
     log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     t0, parts = time.perf_counter(), []
     for i in range(0, n, batch):
-        parts.append(draw(min(batch, n - i), gen).float().clamp(0, 1).cpu())
+        images = draw(min(batch, n - i), gen) if labels is None else draw(min(batch, n - i), gen, labels[i:i + batch])
+        parts.append(images.float().clamp(0, 1).cpu())
         if i == 0 and n > batch:
             spent = time.perf_counter() - t0
             log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
@@ -1016,10 +1089,11 @@ def draw_and_score(args, draw, device, cost):
     if problem:  # a diverged model: say so, keep the rest of the metrics
         log(f"score: not scored: {problem}")
         return {"n": n, "error": problem}
-    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed),
+    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed, labels=labels),
               "sampling": cost, "sample_seconds": seconds}
     log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
-        f"{result['recall']:.3f} | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+        f"{result['recall']:.3f}" + (f" | accuracy on the labels {result['accuracy']:.3f}" if labels is not None else "")
+        + f" | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
     return result
 
 

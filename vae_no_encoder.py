@@ -959,17 +959,20 @@ def check_classifier(args):
 
 
 @torch.no_grad()
-def draw_and_score(args, draw, device, cost):
+def draw_and_score(args, draw, device, cost, labels=None):
     """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
     batches of 256 from a fixed generator, and score them with score.py against as many real
-    test digits. Announces the cost, then the time to go after the first batch."""
+    test digits. Announces the cost, then the time to go after the first batch. With labels
+    (N intended classes) draw(n, generator, labels of the batch), and the score has the
+    classifier's accuracy on them."""
     import score
     n, batch = args.score_samples, 256
     log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     t0, parts = time.perf_counter(), []
     for i in range(0, n, batch):
-        parts.append(draw(min(batch, n - i), gen).float().clamp(0, 1).cpu())
+        images = draw(min(batch, n - i), gen) if labels is None else draw(min(batch, n - i), gen, labels[i:i + batch])
+        parts.append(images.float().clamp(0, 1).cpu())
         if i == 0 and n > batch:
             spent = time.perf_counter() - t0
             log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
@@ -978,10 +981,11 @@ def draw_and_score(args, draw, device, cost):
     if problem:  # a diverged model: say so, keep the rest of the metrics
         log(f"score: not scored: {problem}")
         return {"n": n, "error": problem}
-    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed),
+    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed, labels=labels),
               "sampling": cost, "sample_seconds": seconds}
     log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
-        f"{result['recall']:.3f} | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+        f"{result['recall']:.3f}" + (f" | accuracy on the labels {result['accuracy']:.3f}" if labels is not None else "")
+        + f" | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
     return result
 
 
