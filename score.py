@@ -230,9 +230,10 @@ def scores(feats, probs, real_feats, k, labels=None):
     precision, recall = precision_recall(real_feats, feats, k)
     hist = torch.bincount(probs.argmax(1), minlength=10)
     freq = hist.double() / hist.sum()
+    entropy = 0.0 - torch.special.xlogy(freq, freq).sum().item()  # 0.0 - x: one class gives 0, not -0
     out = {"n": len(feats), "n_real": len(real_feats), "fd": frechet_distance(mu1, s1, mu2, s2),
            "is": inception_score(probs), "precision": precision, "recall": recall, "k": k,
-           "class_histogram": hist.tolist(), "class_entropy_nats": -torch.special.xlogy(freq, freq).sum().item(),
+           "class_histogram": hist.tolist(), "class_entropy_nats": entropy,
            "mean_max_confidence": probs.max(1).values.mean().item()}
     if labels is not None:
         out["accuracy"] = (probs.argmax(1) == labels).float().mean().item()

@@ -111,6 +111,17 @@ def test_inception_score_limits():
     assert score.inception_score(p) == pytest.approx(math.exp(h(py) - h(p).mean()), rel=1e-6)
 
 
+def test_class_histogram_and_entropy():
+    feats = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
+    one_class = torch.zeros(40, 10)
+    one_class[:, 8] = 1
+    s = score.scores(feats, one_class, feats, k=3)
+    assert s["class_histogram"] == [0] * 8 + [40, 0] and math.copysign(1, s["class_entropy_nats"]) == 1  # 0, not -0
+    assert s["class_entropy_nats"] == 0 and s["mean_max_confidence"] == 1 and s["fd"] == pytest.approx(0, abs=1e-6)
+    balanced = torch.eye(10).repeat(4, 1)
+    assert score.scores(feats, balanced, feats, k=3)["class_entropy_nats"] == pytest.approx(math.log(10))
+
+
 def test_augment_with_no_shift_or_rotation_is_identity():
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(score.augment(x, 0.0, 0.0), x, atol=1e-5)
