@@ -571,8 +571,7 @@ def train(args):
     device = setup(args)
     ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps", "grad_clip",
                                                        "ema_decay", "p_uncond"))
-    if args.guidance and not args.class_cond:
-        fail(f"--guidance applies to a --class-cond model; {args.out_dir}/ckpt.pt is unconditional")
+    check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
     torch.manual_seed(args.seed)
     train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
@@ -675,6 +674,12 @@ def save_grid(model_fn, sched, args, device, path):
     return speed
 
 
+def check_guidance(args):
+    """--guidance needs a class-conditional model; a resumed or evaluated one says which it is."""
+    if args.guidance and not args.class_cond:
+        fail(f"--guidance applies to a --class-cond model; {os.path.join(args.out_dir, 'ckpt.pt')} is unconditional")
+
+
 def sampler_cost(args):
     """The sampler of the grids in words, with its network calls per sample."""
     guidance = f", guidance w = {args.guidance:g} (a doubled batch)" if args.class_cond and args.guidance else ""
@@ -743,8 +748,7 @@ def eval_only(args):
     ckpt = load_checkpoint(ckpt_path, "ddpm")
     for key in MODEL_KEYS + ("seed",):
         setattr(args, key, ckpt["config"].get(key, False))  # class_cond: False in older checkpoints
-    if args.guidance and not args.class_cond:
-        fail(f"--guidance applies to a --class-cond model; {ckpt_path} is unconditional")
+    check_guidance(args)
     sched = make_schedule(args.schedule, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
