@@ -47,8 +47,6 @@ import time
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.utils import save_image
 
 from unet import UNet
 
@@ -67,6 +65,8 @@ def make_parser():
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--minutes", type=positive_float, default=None,
+                   help="stop after this much training time (grids and evaluation not counted), summed over --resume")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network (default: on for CUDA only)")
@@ -584,6 +584,7 @@ def train(args):
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
     step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
+    seconds_before = ckpt.get("train_seconds", 0.0) if ckpt else 0.0  # for --minutes
     params, ema_params = list(net.parameters()), list(ema.parameters())
     train_fn = make_model_fn(net, device, args.amp, args.compile)  # the checkpoint stores the plain modules
     ema_fn = make_model_fn(ema, device, args.amp, args.compile)    # a separate graph: it only infers
@@ -594,10 +595,16 @@ def train(args):
         + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
-    def save():
-        save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema, optimizer=opt)
+    def train_seconds():
+        return seconds_before + meter.training_seconds()
 
-    meter, sample_speed, t_start = Meter(step, total_steps, steps_per_epoch, args, device), None, time.perf_counter()
+    def save():
+        save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema, optimizer=opt,
+                        train_seconds=train_seconds())
+
+    meter = Meter(step, total_steps, steps_per_epoch, args, device,
+                  budget_s=60 * args.minutes - seconds_before if args.minutes else None)
+    sample_speed, t_start = None, time.perf_counter()
     net.train()
     try:
         while step < total_steps:
@@ -613,6 +620,8 @@ def train(args):
                 opt.step()
                 ema_update(ema_params, params, ema_decay(step, args.ema_decay))
                 step += 1
+                if args.minutes and train_seconds() >= 60 * args.minutes:
+                    total_steps = meter.total = step  # the time budget is spent: this step was the last
                 meter.add("loss", loss)
                 meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)  # t in [0, T/4), ...
                 meter.tick(step)
@@ -620,7 +629,9 @@ def train(args):
                     break
             with meter.paused():  # a grid every --sample-every epochs and at the end, then the checkpoint
                 if (step % steps_per_epoch == 0 and step // steps_per_epoch % args.sample_every == 0) or step >= total_steps:
-                    path = os.path.join(args.out_dir, f"samples_epoch_{step // steps_per_epoch:03d}.png")
+                    name = (f"samples_epoch_{step // steps_per_epoch:03d}" if step % steps_per_epoch == 0
+                            else f"samples_step_{step:06d}")  # stopped mid-epoch (--max-steps, --minutes)
+                    path = os.path.join(args.out_dir, name + ".png")
                     sample_speed = save_grid(ema_fn, sched, args, device, path)
                     log(f"wrote {path} ({args.sampler}, {args.num_samples / sample_speed:.1f}s)")
                 save()
@@ -630,13 +641,14 @@ def train(args):
         sys.exit(130)
 
     finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
-           sample_speed, sum(p.numel() for p in params))
+           train_seconds(), sample_speed, sum(p.numel() for p in params))
 
 
-def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, sample_speed, n_params):
+def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, train_seconds, sample_speed,
+           n_params):
     """The end of a run: held-out metrics of the EMA weights, metrics.json and a summary line."""
     images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_seconds": train_seconds,
                "train_loss": meter.last.get("loss", math.nan), "train_images_per_sec": images_per_sec,
                "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
                "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
@@ -714,23 +726,23 @@ def evaluate(model_fn, sched, test_x, test_y, args, device):
     -log p(x | y) >= -log p(x) - log 10, i.e. at most log2(10) / 784 = 0.0042 bits/dim less."""
     batch = max(args.batch_size, 256)
 
-    def fn(i):  # the model_fn for the test digits i .. i + batch
-        return with_labels(model_fn, test_y[i:i + batch]) if args.class_cond else model_fn
+    def fn(i, j):  # the model_fn for the test digits i .. j - 1
+        return with_labels(model_fn, test_y[i:j]) if args.class_cond else model_fn
 
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
-    losses = [diffusion_loss(fn(i), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
+    losses = [diffusion_loss(fn(i, i + batch), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
               for i in range(0, len(test_x), batch)]
     metrics = {"test_loss": torch.cat(losses).mean().item()}
     n = min(args.eval_images, len(test_x))
     if n == 0:
         return metrics
-    bounds = {"": fn, "_uncond": lambda i: model_fn} if args.class_cond else {"": fn}
+    bounds = {"": fn, "_uncond": lambda i, j: model_fn} if args.class_cond else {"": fn}
     log(f"bound: {n} test images x {args.timesteps} timesteps x {len(bounds)} = {n * args.timesteps * len(bounds):,} "
         f"network calls (--eval-images sets how many)")
     for suffix, fn_at in bounds.items():
         t0, gen = time.perf_counter(), torch.Generator(device=device).manual_seed(args.seed + 2)  # the same noise
-        parts = [vlb_bits_per_dim(fn_at(i), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)
-                 for i in range(0, n, batch)]
+        parts = [vlb_bits_per_dim(fn_at(i, min(i + batch, n)), sched, to_model_range(test_x[i:min(i + batch, n)]),
+                                  args.pred, gen) for i in range(0, n, batch)]
         for key in ("total", "prior", "kl", "decoder"):
             metrics[f"test_bpd{suffix}" + ("" if key == "total" else f"_{key}")] = torch.cat([p[key] for p in parts]).mean().item()
         what = " of -log p(x | y)" if suffix == "" and args.class_cond else " of -log p(x), label dropped" if suffix else ""
@@ -899,8 +911,17 @@ def peak_memory_mb(device):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def save_image(images, path, **grid_options):
+    """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
+    `import torchvision` is half of a script's start-up (3.5 of 7 s on a 2-core CPU), which
+    --help and a bad flag need not pay."""
+    from torchvision.utils import save_image as write_png
+    write_png(images, path, **grid_options)
+
+
 def load_mnist(data_dir, train, device):
     """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    import torchvision  # here, not at the top: see save_image
     try:
         ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
@@ -964,9 +985,11 @@ def restore(ckpt, device, **objects):
 
 
 def save_checkpoint(path, kind, args, step, epoch, device, **objects):
-    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one."""
+    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one.
+    objects: modules and optimizers (stored as their state_dict), or plain numbers."""
     state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
-             "rng": rng_state(device), **{k: None if v is None else v.state_dict() for k, v in objects.items()}}
+             "rng": rng_state(device),
+             **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -991,10 +1014,12 @@ class Meter:
     every step would stall a GPU): each figure is a mean since the last line, per group if
     asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device):
+    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None):
         self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
         self.device, self.sums, self.last, self.first = device, {}, {}, True
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
+        self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
+        self.budget_s = budget_s  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -1019,15 +1044,23 @@ class Meter:
             self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
         speed, self.first = images / max(now - self.t_log, 1e-9), False
         figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
+        eta = (self.total - step) * self.batch / speed
+        if self.budget_s is not None:
+            eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
+            f"| eta {eta / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
     def paused(self):
-        t0 = time.perf_counter()
+        self.pause_start = time.perf_counter()
         yield
-        self.t_log += time.perf_counter() - t0
+        pause, self.pause_start = time.perf_counter() - self.pause_start, None
+        self.t_log, self.paused_time = self.t_log + pause, self.paused_time + pause
+
+    def training_seconds(self):
+        """Time since this meter started, less the time in paused() (inside it: up to its start)."""
+        return (self.pause_start or time.perf_counter()) - self.t_start - self.paused_time
 
     def images_per_sec(self, images, wall):
         """Steady training throughput; before the second log line, all images over the wall time."""

@@ -27,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 import ddpm
 import vae
@@ -187,7 +186,7 @@ def write_guidance_sweep(draw, args, labels, device, gen, path):
                        for i in range(0, len(labels), args.batch_size)])
         pad = (-len(x)) % nrow
         blocks += [x, torch.zeros(pad + nrow, *x.shape[1:])]  # fill the last row, then one blank row
-    save_image(torch.cat(blocks[:-1]).clamp(0, 1), path, nrow=nrow)
+    ddpm.save_image(torch.cat(blocks[:-1]).clamp(0, 1), path, nrow=nrow)
     log(f"wrote {path} (guidance w = {', '.join(f'{w:g}' for w in ws)}, a block of rows each)")
 
 
@@ -217,7 +216,7 @@ def write_inpainting(net, config, args, device, gen, path):
     rows = [((x0 + 1) / 2 * known + 0.5 * (1 - known))[::k, None],          # the masked input
             ((filled + 1) / 2).view(n, k, 1, 28, 28),                        # the completions
             ((x0[::k] + 1) / 2)[:, None]]                                    # the original
-    save_image(torch.cat(rows, 1).reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=k + 2)
+    ddpm.save_image(torch.cat(rows, 1).reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=k + 2)
     log(f"wrote {path} (rows: masked input, {k} completions, original; {args.inpaint} hidden)")
 
 
@@ -228,7 +227,7 @@ def write_trajectory(draw, args, path, y=None, rows=8, columns=10):
     draw(rows, y, on_step=xs.append)  # every step's x (T of them for ddpm, the grid's for ddim)
     keep = sorted({int(round(v)) for v in np.linspace(0, len(xs) - 1, columns)})  # fewer if fewer steps
     strip = torch.stack([(xs[i] + 1) / 2 for i in keep], dim=1)  # (rows, columns, 1, 28, 28)
-    save_image(strip.reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=len(keep))
+    ddpm.save_image(strip.reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=len(keep))
     log(f"wrote {path} ({rows} samples x {len(keep)} steps of {args.sampler})")
 
 
@@ -247,7 +246,7 @@ def vae_pictures(net, config, args, device, gen, out_stem):
                 z = torch.randn((2, 8, 1, net.latent_dim), device=device, generator=gen)
                 a = torch.linspace(0, 1, 10, device=device).view(1, 10, 1)
                 line = (1 - a) * z[0] + a * z[1]  # (8, 10, L)
-                save_image(net.mean(net.decode(line.reshape(80, -1))).cpu(), path, nrow=10)
+                ddpm.save_image(net.mean(net.decode(line.reshape(80, -1))).cpu(), path, nrow=10)
             log(f"wrote {path} (interpolation between {'random latents' if test is None else 'test digits'})")
         if args.reconstruct:
             path = out_stem + "_reconstructions.png"
@@ -289,7 +288,7 @@ def main(argv=None):
     speed = n / seconds
     log(f"drew {n} samples in {seconds:.2f}s ({f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} images/s)")
     shown = torch.from_numpy(samples[:GRID_MAX])
-    save_image(shown, out, nrow=args.nrow or args.per_class or int(math.ceil(math.sqrt(len(shown)))))
+    ddpm.save_image(shown, out, nrow=args.nrow or args.per_class or int(math.ceil(math.sqrt(len(shown)))))
     log(f"wrote {out} ({len(shown)} images{'' if n <= GRID_MAX else f'; all {n} are in the array'})")
     if args.save_array:  # with the labels asked for, for score.py's accuracy
         np.savez_compressed(args.save_array, samples=samples, **({} if labels is None else {"labels": labels.numpy()}))

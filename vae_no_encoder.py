@@ -52,8 +52,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torchvision
-from torchvision.utils import make_grid, save_image
 
 from unet import UNet
 
@@ -626,9 +624,8 @@ def sweep(args):
         z, x_hat = denoise(model_fn, model, x, gen)
         blocks = [z, x_hat] + [generate(model_fn, model, 6, prior, gen)[0] for prior in ("standard", "fitted")]
         rows.append(torch.cat([torch.cat([to_image(b), torch.ones(1, 1, 28, 28)]) for b in blocks])[:-1])
-    grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=2, pad_value=1.0)
     path = os.path.join(args.out_dir, "sweep.png")
-    save_image(grid, path)
+    save_image(torch.cat(rows), path, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
     write_json(table, os.path.join(args.out_dir, "sweep.json"))
     log(f"wrote {path}: one row per run (order above), blocks: z | reconstruction | N(0, I) draws | fitted-prior draws")
 
@@ -804,8 +801,17 @@ def peak_memory_mb(device):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def save_image(images, path, **grid_options):
+    """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
+    `import torchvision` is half of a script's start-up (3.5 of 7 s on a 2-core CPU), which
+    --help and a bad flag need not pay."""
+    from torchvision.utils import save_image as write_png
+    write_png(images, path, **grid_options)
+
+
 def load_mnist(data_dir, train, device):
     """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
+    import torchvision  # here, not at the top: see save_image
     try:
         ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
@@ -869,9 +875,11 @@ def restore(ckpt, device, **objects):
 
 
 def save_checkpoint(path, kind, args, step, epoch, device, **objects):
-    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one."""
+    """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one.
+    objects: modules and optimizers (stored as their state_dict), or plain numbers."""
     state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
-             "rng": rng_state(device), **{k: None if v is None else v.state_dict() for k, v in objects.items()}}
+             "rng": rng_state(device),
+             **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -896,10 +904,12 @@ class Meter:
     every step would stall a GPU): each figure is a mean since the last line, per group if
     asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device):
+    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None):
         self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
         self.device, self.sums, self.last, self.first = device, {}, {}, True
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
+        self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
+        self.budget_s = budget_s  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -924,15 +934,23 @@ class Meter:
             self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
         speed, self.first = images / max(now - self.t_log, 1e-9), False
         figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
+        eta = (self.total - step) * self.batch / speed
+        if self.budget_s is not None:
+            eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
+            f"| eta {eta / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
     def paused(self):
-        t0 = time.perf_counter()
+        self.pause_start = time.perf_counter()
         yield
-        self.t_log += time.perf_counter() - t0
+        pause, self.pause_start = time.perf_counter() - self.pause_start, None
+        self.t_log, self.paused_time = self.t_log + pause, self.paused_time + pause
+
+    def training_seconds(self):
+        """Time since this meter started, less the time in paused() (inside it: up to its start)."""
+        return (self.pause_start or time.perf_counter()) - self.t_start - self.paused_time
 
     def images_per_sec(self, images, wall):
         """Steady training throughput; before the second log line, all images over the wall time."""

@@ -109,7 +109,7 @@ def test_class_cond_trains_resumes_and_evaluates(capsys, fake_mnist, tmp_path):
     ckpt = load(out / "ckpt.pt")
     assert ckpt["config"]["class_cond"] and "label_emb.weight" in ckpt["ema"]
     from PIL import Image
-    assert Image.open(out / "samples_epoch_000.png").size == (2 * 30 + 2, 10 * 30 + 2)  # 10 rows of 20 // 10
+    assert Image.open(out / "samples_step_000003.png").size == (2 * 30 + 2, 10 * 30 + 2)  # 10 rows of 20 // 10
     proc = ddpm_main(capsys, fake_mnist, out, "--resume", "--max-steps", "5", *common)  # no --class-cond: kept
     assert proc.returncode == 0, proc.stderr
     assert load(out / "ckpt.pt")["config"]["class_cond"] and "label dropped" in proc.stdout

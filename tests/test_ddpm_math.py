@@ -308,3 +308,23 @@ def test_ema_update_is_the_moving_average():
     assert torch.allclose(e[0], torch.tensor([0.1, 0.2])) and torch.allclose(e[1], torch.tensor([[1.2]]))
     ddpm.ema_update(e, p, 0.0)  # decay 0 (the first update) copies the parameters
     assert torch.equal(e[0], p[0]) and torch.equal(e[1], p[1])
+
+
+@pytest.mark.parametrize("class_cond", [False, True])
+def test_evaluate_bounds_exactly_the_first_eval_images(class_cond):
+    """--eval-images 3 is the bound of test digits 0, 1, 2: the mean of their per-image bounds
+    (the same noise), not of a whole batch."""
+    import argparse
+    torch.manual_seed(0)
+    net = ddpm.build_model({"arch": "resnet", "channels": 8, "channel_mult": "1,2", "num_blocks": 1,
+                            "attention": False, "dropout": 0.0, "class_cond": class_cond}).eval()
+    sched = ddpm.make_schedule("linear", 10)
+    g = torch.Generator().manual_seed(1)
+    test_x, test_y = torch.randint(0, 256, (7, 28, 28), generator=g, dtype=torch.uint8), torch.arange(7) % 10
+    args = argparse.Namespace(batch_size=2, eval_images=3, class_cond=class_cond, pred="eps", seed=0, timesteps=10)
+    metrics = ddpm.evaluate(net, sched, test_x, test_y, args, torch.device("cpu"))
+    model_fn = ddpm.with_labels(net, test_y[:3]) if class_cond else net
+    expected = ddpm.vlb_bits_per_dim(model_fn, sched, ddpm.to_model_range(test_x[:3]), "eps",
+                                     torch.Generator().manual_seed(args.seed + 2))["total"]
+    assert metrics["test_bpd_images"] == 3
+    assert metrics["test_bpd"] == pytest.approx(expected.mean().item(), rel=1e-6)
