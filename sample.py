@@ -7,7 +7,7 @@ own `build_model`, loads the weights as data (`weights_only=True`: no code in a 
 ever runs), and draws. Sampling is what each tutorial file explains; here it is only called.
 
     python sample.py --ckpt out/ddpm/ckpt.pt                                    # 64 samples -> out/ddpm/samples.png
-    python sample.py --ckpt out/ddpm/ckpt.pt --sampler ddim --sample-steps 20 --trajectory
+    python sample.py --ckpt out/ddpm/ckpt.pt --sampler ddpm --trajectory             # ancestral, all T steps
     python sample.py --ckpt out/ddpm/ckpt.pt --n 10000 --save-array samples.npz   # for other tools
     python sample.py --ckpt out/vae/ckpt.pt --interpolate --reconstruct --data-dir ../shared/mnist
     python sample.py --ckpt out/ddpm_cond/ckpt.pt --per-class 8 --guidance 1           # conditional: a row per digit
@@ -64,9 +64,12 @@ def make_parser():
     g.add_argument("--guidance-sweep", default=None, metavar="W,W,...",
                    help="ddpm: one picture with a block of rows per guidance weight, the same noise in each")
     g = p.add_argument_group("ddpm only")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="ancestral (default) or DDIM")
-    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None, help="DDIM steps (default 50)")
-    g.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="DDIM (default), or ancestral DDPM (all T steps: a little better, 20x slower; README)")
+    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM noise (default 1, the best digits); 0: deterministic, one noise one digit, "
+                        "FD 90 against 32 at 50 steps (README)")
     g.add_argument("--trajectory", action="store_true", help="also write a strip of x_t from noise to digit")
     g.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     g.add_argument("--inpaint", choices=["top", "bottom", "left", "right", "center"], default=None,
@@ -271,7 +274,7 @@ def main(argv=None):
     draw = DRAWERS[kind](config, net, args, device, gen)
     labels = class_labels(args) if is_conditional(ckpt) else None
     n = args.n if labels is None else len(labels)
-    how = f" ({args.sampler}{f', {args.sample_steps or 50} steps, eta {args.eta}' if args.sampler == 'ddim' else ''}" \
+    how = f" ({args.sampler}{f', {args.sample_steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else ''}" \
         f"{f', guidance w = {args.guidance:g}' if labels is not None else ''})" if kind == "ddpm" else ""
     log(f"{kind} checkpoint {args.ckpt} (step {ckpt.get('step')}) on {device.type}, compile={args.compile}, "
         f"amp={args.amp}: drawing {n} samples{how}" + ("" if labels is None else f" of the digits {sorted(set(labels.tolist()))}"))
@@ -338,12 +341,13 @@ def check_flags(args, ckpt):
     args.n = args.n or (8 if args.inpaint else 64)
     if kind == "ddpm":
         T = ckpt["config"]["timesteps"]
-        args.sampler = args.sampler or "ddpm"
-        args.eta = 0.0 if args.eta is None else args.eta
-        if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta):
+        args.sampler = args.sampler or "ddim"
+        if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
             fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
         if args.sample_steps is not None and args.sample_steps > T:
             fail(f"--sample-steps {args.sample_steps} is more than the model's T = {T}")
+        args.sample_steps = None if args.sampler == "ddpm" else args.sample_steps or min(50, T)
+        args.eta = 1.0 if args.eta is None else args.eta
         if args.eta < 0:
             fail(f"--eta must be >= 0, got {args.eta}")
     if args.guidance_sweep and (args.save_array or args.trajectory):

@@ -143,7 +143,8 @@ def test_compile_and_bf16_path_on_cpu(run_script, fake_mnist, tmp_path):
     (["--pred", "score"], "--pred"),
     (["--channel-mult", "1,x"], "--channel-mult"),
     (["--ema-decay", "1.5"], "--ema-decay"),
-    (["--sample-steps", "5"], "--sampler ddim"),
+    (["--sampler", "ddpm", "--sample-steps", "5"], "--sampler ddim"),
+    (["--sampler", "ddpm", "--eta", "1"], "--sampler ddim"),
     (["--sampler", "ddim", "--sample-steps", "50"], "more than --timesteps"),
     (["--batch-size", "1000"], "larger than the training set"),
 ])
