@@ -1,7 +1,7 @@
 """
 sample.py: draw pictures and sample arrays from a checkpoint of any of the project's models.
 
-A checkpoint says what it is: `kind` ("ddpm", "vae", "vae_no_encoder") and `config` (the
+A checkpoint says what it is: `kind` ("ddpm", "vae", "vae_no_encoder", "latent_diffusion") and `config` (the
 training command's flags). This script reads both, rebuilds the network with that script's
 own `build_model`, loads the weights as data (`weights_only=True`: no code in a checkpoint
 ever runs), and draws. Sampling is what each tutorial file explains; here it is only called.
@@ -29,19 +29,20 @@ import numpy as np
 import torch
 
 import ddpm
+import latent_diffusion
 import vae
 import vae_no_encoder
 
 # The script behind each kind of checkpoint: its build_model, setup, CKPT_VERSION and sampling code.
-KINDS = {"ddpm": ddpm, "vae": vae, "vae_no_encoder": vae_no_encoder}
+KINDS = {"ddpm": ddpm, "vae": vae, "vae_no_encoder": vae_no_encoder, "latent_diffusion": latent_diffusion}
 GRID_MAX = 1024  # a grid shows at most this many images (an .npz holds all of them)
 
 
 def make_parser():
     """The knobs. `python sample.py --help` lists them with their defaults."""
-    p = argparse.ArgumentParser(description="Draw samples from a ddpm, vae or vae_no_encoder checkpoint.",
+    p = argparse.ArgumentParser(description="Draw samples from a ddpm, vae, vae_no_encoder or latent_diffusion checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by ddpm.py, vae.py or vae_no_encoder.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by ddpm.py, vae.py, vae_no_encoder.py or latent_diffusion.py")
     p.add_argument("--n", type=ddpm.positive_int, default=None,
                    help="number of samples (default 64); --inpaint: number of test digits (default 8)")
     p.add_argument("--nrow", type=ddpm.positive_int, default=None, help="images per grid row (default: a square)")
@@ -90,9 +91,11 @@ def make_parser():
 
 
 # Which flags apply to which kind: a flag given for another kind is an error, not ignored.
-ONLY_FOR = {"sampler": "ddpm", "sample_steps": "ddpm", "eta": "ddpm", "trajectory": "ddpm", "raw_weights": "ddpm",
-            "guidance": "ddpm", "guidance_sweep": "ddpm", "inpaint": "ddpm", "resample": "ddpm", "completions": "ddpm",
-            "interpolate": "vae", "reconstruct": "vae", "prior": "vae_no_encoder"}
+DIFFUSION = ("ddpm", "latent_diffusion")
+ONLY_FOR = {"sampler": DIFFUSION, "sample_steps": DIFFUSION, "eta": DIFFUSION, "raw_weights": DIFFUSION,
+            "trajectory": ("ddpm",), "guidance": ("ddpm",), "guidance_sweep": ("ddpm",), "inpaint": ("ddpm",),
+            "resample": ("ddpm",), "completions": ("ddpm",), "interpolate": ("vae",), "reconstruct": ("vae",),
+            "prior": ("vae_no_encoder",)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,9 +122,9 @@ def load_any_checkpoint(path):
 
 
 def load_network(ckpt, device, raw_weights=False):
-    """The network of the checkpoint in eval mode. DDPM: the EMA weights unless raw_weights."""
+    """The network of the checkpoint in eval mode. Diffusion: the EMA weights unless raw_weights."""
     net = KINDS[ckpt["kind"]].build_model(ckpt["config"])
-    use_ema = ckpt["kind"] == "ddpm" and not raw_weights
+    use_ema = ckpt["kind"] in DIFFUSION and not raw_weights
     net.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     return net.to(device).eval()
 
@@ -130,7 +133,8 @@ def load_network(ckpt, device, raw_weights=False):
 # 2. Each kind: a drawer, draw(b) -> b images in [0, 1] (the math lives in the model's file)
 # ---------------------------------------------------------------------------------------
 
-def ddpm_drawer(config, net, args, device, gen):
+def ddpm_drawer(ckpt, net, args, device, gen):
+    config = ckpt["config"]
     sched = ddpm.make_schedule(config["schedule"], config["timesteps"], device)
     model_fn = ddpm.make_model_fn(net, device, args.amp, args.compile)
 
@@ -142,7 +146,7 @@ def ddpm_drawer(config, net, args, device, gen):
     return draw
 
 
-def vae_drawer(config, net, args, device, gen):
+def vae_drawer(ckpt, net, args, device, gen):
     decode = vae.make_model_fn(net.decode, device, args.amp, args.compile)
 
     def draw(b, y=None):
@@ -151,9 +155,9 @@ def vae_drawer(config, net, args, device, gen):
     return draw
 
 
-def vae_no_encoder_drawer(config, net, args, device, gen):
+def vae_no_encoder_drawer(ckpt, net, args, device, gen):
     model_fn = vae_no_encoder.make_model_fn(net, device, args.amp, args.compile)
-    prior = args.prior or config.get("prior", "fitted")
+    prior = args.prior or ckpt["config"].get("prior", "fitted")
 
     def draw(b, y=None):
         x, _ = vae_no_encoder.generate(model_fn, net, b, prior, generator=gen)  # z ~ prior, decoded once
@@ -161,7 +165,20 @@ def vae_no_encoder_drawer(config, net, args, device, gen):
     return draw
 
 
-DRAWERS = {"ddpm": ddpm_drawer, "vae": vae_drawer, "vae_no_encoder": vae_no_encoder_drawer}
+def latent_diffusion_drawer(ckpt, net, args, device, gen):
+    config = ckpt["config"]  # the VAE is the file it was trained on, or nothing is drawn
+    vae_net, _ = latent_diffusion.load_vae(config["vae_ckpt"], device, ckpt["vae_sha256"])
+    sched = ddpm.make_schedule(config["schedule"], config["timesteps"], device)
+    model_fn = latent_diffusion.make_model_fn(net, device, args.amp, args.compile)
+    how = argparse.Namespace(pred=config["pred"], sampler=args.sampler, sample_steps=args.sample_steps, eta=args.eta)
+
+    def draw(b, y=None):  # latents from the DDPM, decoded once
+        return latent_diffusion.draw_digits(model_fn, sched, vae_net, ckpt["latent_scale"], b, how, gen)
+    return draw
+
+
+DRAWERS = {"ddpm": ddpm_drawer, "vae": vae_drawer, "vae_no_encoder": vae_no_encoder_drawer,
+           "latent_diffusion": latent_diffusion_drawer}
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,11 +288,11 @@ def main(argv=None):
     net = load_network(ckpt, device, args.raw_weights)
     if args.inpaint:
         return write_inpainting(net, config, args, device, gen, out)
-    draw = DRAWERS[kind](config, net, args, device, gen)
+    draw = DRAWERS[kind](ckpt, net, args, device, gen)
     labels = class_labels(args) if is_conditional(ckpt) else None
     n = args.n if labels is None else len(labels)
     how = f" ({args.sampler}{f', {args.sample_steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else ''}" \
-        f"{f', guidance w = {args.guidance:g}' if labels is not None else ''})" if kind == "ddpm" else ""
+        f"{f', guidance w = {args.guidance:g}' if labels is not None else ''})" if kind in DIFFUSION else ""
     log(f"{kind} checkpoint {args.ckpt} (step {ckpt.get('step')}) on {device.type}, compile={args.compile}, "
         f"amp={args.amp}: drawing {n} samples{how}" + ("" if labels is None else f" of the digits {sorted(set(labels.tolist()))}"))
     if args.guidance_sweep:
@@ -324,9 +341,9 @@ def is_conditional(ckpt):
 def check_flags(args, ckpt):
     """Flags for another kind of checkpoint, and the ones no argparse type can check alone."""
     kind = ckpt["kind"]
-    for key, owner in ONLY_FOR.items():
-        if owner != kind and getattr(args, key) not in (None, False):
-            fail(f"--{key.replace('_', '-')} applies to {owner} checkpoints, and this one is {kind}")
+    for key, owners in ONLY_FOR.items():
+        if kind not in owners and getattr(args, key) not in (None, False):
+            fail(f"--{key.replace('_', '-')} applies to {' and '.join(owners)} checkpoints, and this one is {kind}")
     if args.data_dir is not None and kind != "vae" and not args.inpaint:
         fail(f"--data-dir applies to vae checkpoints and to --inpaint, and this one is {kind}")
     check_conditional_flags(args, ckpt)
@@ -339,7 +356,7 @@ def check_flags(args, ckpt):
     elif args.resample is not None or args.completions is not None:
         fail("--resample and --completions apply to --inpaint")
     args.n = args.n or (8 if args.inpaint else 64)
-    if kind == "ddpm":
+    if kind in DIFFUSION:
         T = ckpt["config"]["timesteps"]
         args.sampler = args.sampler or "ddim"
         if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):

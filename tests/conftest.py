@@ -96,20 +96,26 @@ TINY_DDPM = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "-
 TINY_VNE = ["--channels", "8", "--batch-size", "32", "--max-steps", "2", "--device", "cpu"]
 TINY_VAE = ["--hidden-dim", "16", "--latent-dim", "3", "--batch-size", "32", "--max-steps", "2",
             "--iw-samples", "0", "--num-samples", "4", "--device", "cpu"]
+TINY_LD = ["--width", "16", "--depth", "1", "--timesteps", "10", "--batch-size", "32", "--max-steps", "2",
+           "--eval-images", "4", "--num-samples", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")
 def checkpoints(fake_mnist, tmp_path_factory):
-    """sample.py's inputs: a tiny trained checkpoint of each kind: {kind: path}."""
+    """sample.py's inputs: a tiny trained checkpoint of each kind: {kind: path} (latent_diffusion
+    on the vae's latents)."""
     import ddpm
+    import latent_diffusion
     import vae
     import vae_no_encoder
     root = tmp_path_factory.mktemp("ckpts")
     ddpm.main(["--data-dir", fake_mnist, "--out-dir", str(root / "ddpm"), *TINY_DDPM])
     vae.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vae"), *TINY_VAE])
     vae_no_encoder.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vne"), *TINY_VNE])
+    latent_diffusion.main(["--vae-ckpt", str(root / "vae" / "ckpt.pt"), "--data-dir", fake_mnist,
+                           "--out-dir", str(root / "ld"), *TINY_LD])
     return {kind: str(root / folder / "ckpt.pt") for kind, folder in
-            (("ddpm", "ddpm"), ("vae", "vae"), ("vae_no_encoder", "vne"))}
+            (("ddpm", "ddpm"), ("vae", "vae"), ("vae_no_encoder", "vne"), ("latent_diffusion", "ld"))}
 
 
 @pytest.fixture(scope="session")

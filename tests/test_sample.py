@@ -26,7 +26,7 @@ def grid_size(n, nrow, pad=2):
     return nrow * (28 + pad) + pad, rows * (28 + pad) + pad
 
 
-@pytest.mark.parametrize("kind", ["ddpm", "vae", "vae_no_encoder"])
+@pytest.mark.parametrize("kind", ["ddpm", "vae", "vae_no_encoder", "latent_diffusion"])
 def test_grid_and_array(kind, checkpoints, tmp_path, capsys):
     out, arr = tmp_path / "grid.png", tmp_path / "s.npz"
     code, stdout, err = run(capsys, "--ckpt", checkpoints[kind], "--n", 6, "--nrow", 3, "--out", out,
@@ -40,7 +40,8 @@ def test_grid_and_array(kind, checkpoints, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind,extra", [("ddpm", ["--sampler", "ddim", "--sample-steps", 3]),
-                                        ("ddpm", []), ("vae", []), ("vae_no_encoder", ["--prior", "standard"])])
+                                        ("ddpm", []), ("vae", []), ("vae_no_encoder", ["--prior", "standard"]),
+                                        ("latent_diffusion", ["--sampler", "ddpm"])])
 def test_same_seed_same_samples(kind, extra, checkpoints, tmp_path, capsys):
     arrays = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):

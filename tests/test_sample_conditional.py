@@ -15,7 +15,7 @@ from conftest import TINY_DDPM, TINY_VAE
 def point_mass_eps(sched, x_star):
     """The exact noise predictor when the data are one image x*: x_t = sqrt(ab) x* + sqrt(1 - ab) eps."""
     def model_fn(x_t, t):
-        ab = ddpm.at(sched["alpha_bar"], t)
+        ab = ddpm.at(sched["alpha_bar"], t, x_t)
         return (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt()
     return model_fn
 
