@@ -274,19 +274,20 @@ def standard_normal_nll(z):
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def vae_bound(vae_net, x, eps, prior_nll):
+def vae_bound(vae_net, x, eps, *prior_nlls):
     """One-sample estimate per digit of  E_q[-log p(x|z)] - H[q(z|x)] + E_q[-log p(z)]  in
-    nats, z = mu + sigma eps: returns (B,) reconstruction and (B,) prior term (the last two).
+    nats, z = mu + sigma eps: returns (B,) reconstruction and, for each prior given, its (B,)
+    prior term (the last two). The priors share z, and the encoder and decoder run once.
 
     H[q(z | x)] = sum_j 1/2 (log(2 pi e) + log sigma_j^2), the entropy of a diagonal Gaussian,
-    exact. prior_nll(z) is -log p(z) or an upper bound on it: standard_normal_nll gives
+    exact. A prior_nll(z) is -log p(z) or an upper bound on it: standard_normal_nll gives
     vae.py's negative ELBO (in expectation; vae.py computes the KL in closed form), a
     diffusion prior_bound the bound of this chapter."""
     mu, logvar = vae_net.encode(x)
     z = vae.reparameterize(mu, logvar, eps)
     recon = -vae_net.log_likelihood(x, vae_net.decode(z))
     entropy = 0.5 * (math.log(2 * math.pi * math.e) + logvar).sum(1)
-    return recon, prior_nll(z) - entropy
+    return (recon, *(prior_nll(z) - entropy for prior_nll in prior_nlls))
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,11 +400,16 @@ def train(args):
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
 
-    wall = time.perf_counter() - t_start
-    images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
+    finish(args, device, ema_fn, sched, vae_net, vae_config, scale, test_x, meter, step, steps_per_epoch,
+           time.perf_counter() - t_start, sum(p.numel() for p in params))
+
+
+def finish(args, device, ema_fn, sched, vae_net, vae_config, scale, test_x, meter, step, steps_per_epoch, wall, n_params):
+    """The end of a run: held-out bounds and pictures of the EMA denoiser, metrics.json, a summary line."""
     metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "latent_scale": scale,
-               "train_loss": meter.last.get("loss", math.nan), "train_latents_per_sec": images_per_sec,
-               "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in params)}
+               "train_loss": meter.last.get("loss", math.nan),
+               "train_latents_per_sec": meter.images_per_sec(step * args.batch_size, wall),
+               "wall_time_s": wall, "device": describe(device), "parameters": n_params}
     metrics.update(evaluate(ema_fn, sched, vae_net, vae_config, scale, test_x, args, device))
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
@@ -434,8 +440,8 @@ def evaluate(ema_fn, sched, vae_net, vae_config, scale, test_x, args, device):
         for i in range(0, n, batch):
             x = test_data[i:min(i + batch, n)]
             eps = torch.randn((len(x), vae_net.latent_dim), device=device, generator=gen)
-            recon, standard = vae_bound(vae_net, x, eps, standard_normal_nll)
-            _, diffusion = vae_bound(vae_net, x, eps, lambda z: prior_bound(ema_fn, sched, z, scale, args.pred, gen))
+            recon, standard, diffusion = vae_bound(vae_net, x, eps, standard_normal_nll,
+                                                   lambda z: prior_bound(ema_fn, sched, z, scale, args.pred, gen))
             r, kl = vae.elbo_terms(vae_net, vae_net, x, eps)
             for key, value in (("recon", recon), ("standard", recon + standard), ("diffusion", recon + diffusion),
                                ("elbo", r + kl)):
