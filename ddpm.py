@@ -585,7 +585,7 @@ def ema_update(ema_params, params, decay):
 # ---------------------------------------------------------------------------------------
 
 def train(args):
-    device = setup(args)
+    rank, world, device = init_distributed(setup(args))  # (0, 1, device) unless started by torchrun
     ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps", "grad_clip",
                                                        "ema_decay", "p_uncond"))
     check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
@@ -601,14 +601,19 @@ def train(args):
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
     step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
+    if world > 1:
+        seed_rank(args, rank, step)
     seconds_before = ckpt.get("train_seconds", 0.0) if ckpt else 0.0  # for --minutes
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    train_fn = make_model_fn(net, device, args.amp, args.compile)  # the checkpoint stores the plain modules
-    ema_fn = make_model_fn(ema, device, args.amp, args.compile)    # a separate graph: it only infers
+    mfu = mfu_note(net, sched, args, device)  # None but on a known GPU
+    train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)  # the checkpoint
+    ema_fn = make_model_fn(ema, device, args.amp, args.compile)  # stores the plain modules; the EMA only infers
     log(f"ddpm: {sum(p.numel() for p in params) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, "
         f"T={args.timesteps}, pred={args.pred}" + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
         + f" | {len(train_x)} train images, batch {args.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}"
+        + (f" x {world} processes ({args.batch_size // world} images each)" if world > 1 else "")
+        + f", compile={args.compile}, amp={args.amp}"
         + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -616,11 +621,12 @@ def train(args):
         return seconds_before + meter.training_seconds()
 
     def save():
-        save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema, optimizer=opt,
-                        train_seconds=train_seconds())
+        if rank == 0:  # DDP: one writer
+            save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema,
+                            optimizer=opt, train_seconds=train_seconds())
 
-    meter = Meter(step, total_steps, steps_per_epoch, args, device,
-                  budget_s=60 * args.minutes - seconds_before if args.minutes else None)
+    meter = Meter(step, total_steps, steps_per_epoch, args, device,  # it logs rank 0's share of the batch
+                  budget_s=60 * args.minutes - seconds_before if args.minutes else None, note=mfu)
     sample_speed, t_start = None, time.perf_counter()
     net.train()
     try:
@@ -628,6 +634,7 @@ def train(args):
             for batch in epoch_batches(train_data, step, steps_per_epoch, args):
                 for group in opt.param_groups:  # linear warm-up of the learning rate
                     group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+                batch = batch.tensor_split(world)[rank]  # DDP: this rank's share of the global batch
                 images, labels = batch[:, :784].view(-1, 28, 28), batch[:, 784].long()
                 model_fn = with_labels(train_fn, drop_labels(labels, args.p_uncond)) if args.class_cond else train_fn
                 loss, t = diffusion_loss(model_fn, sched, to_model_range(images), args.pred)
@@ -637,7 +644,7 @@ def train(args):
                 opt.step()
                 ema_update(ema_params, params, ema_decay(step, args.ema_decay))
                 step += 1
-                if args.minutes and train_seconds() >= 60 * args.minutes:
+                if args.minutes and any_rank(train_seconds() >= 60 * args.minutes, world, device):
                     total_steps = meter.total = step  # the time budget is spent: this step was the last
                 meter.add("loss", loss)
                 meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)  # t in [0, T/4), ...
@@ -645,7 +652,8 @@ def train(args):
                 if step >= total_steps:
                     break
             with meter.paused():  # a grid every --sample-every epochs and at the end, then the checkpoint
-                if (step % steps_per_epoch == 0 and step // steps_per_epoch % args.sample_every == 0) or step >= total_steps:
+                if rank == 0 and ((step % steps_per_epoch == 0 and step // steps_per_epoch % args.sample_every == 0)
+                                  or step >= total_steps):
                     name = (f"samples_epoch_{step // steps_per_epoch:03d}" if step % steps_per_epoch == 0
                             else f"samples_step_{step:06d}")  # stopped mid-epoch (--max-steps, --minutes)
                     path = os.path.join(args.out_dir, name + ".png")
@@ -657,8 +665,11 @@ def train(args):
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
 
-    finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
-           train_seconds(), sample_speed, sum(p.numel() for p in params))
+    if rank == 0:
+        finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
+               train_seconds(), sample_speed, sum(p.numel() for p in params))
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, train_seconds, sample_speed,
@@ -731,7 +742,104 @@ def score_ema(ema_fn, sched, args, device, sample_speed=None):
 
 
 # ---------------------------------------------------------------------------------------
-# 10. Evaluation and main
+# 10. Speed on GPUs: model FLOPs utilisation, and several GPUs with torchrun
+# ---------------------------------------------------------------------------------------
+# MFU = (model FLOPs per training image) x (images/s) / (the device's peak FLOP/s), the
+# fraction of the hardware's arithmetic that goes into the model (Chowdhery et al. 2022,
+# appendix B; nanoGPT logs it). The FLOPs are counted once, by torch's FlopCounterMode, on
+# one loss forward and backward; the optimizer and the EMA are O(parameters), not O(images),
+# and left out. Peaks are the data sheets' dense figures: bf16 under --amp, else TF32 (the
+# tensor-core format fp32 matmuls use here, since TF32 is on).
+
+PEAK_TFLOPS = {  # name as torch.cuda.get_device_name() has it: (bf16, tf32) dense TFLOP/s; first match wins
+    "H100 PCIe": (756, 378), "H100 NVL": (835, 418), "H100": (989, 495), "H200": (989, 495), "GH200": (989, 495),
+    "A100": (312, 156), "L40S": (362, 183), "L4": (121, 60), "RTX 4090": (165, 83), "RTX 3090": (71, 36),
+}
+
+
+def peak_flops(device, amp):
+    """The device's peak FLOP/s for the network's precision, or None for a device not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return 1e12 * (bf16 if amp else tf32)
+    return None
+
+
+def training_flops_per_image(net, sched, args, device, batch=2):
+    """FLOPs of one training image: the loss's forward and backward through the plain network
+    (nothing in it depends on the batch size). Its own generator: the run's RNG is untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x0, gen = torch.zeros(batch, 1, 28, 28, device=device), torch.Generator(device=device).manual_seed(0)
+    model_fn = with_labels(net, torch.zeros(batch, dtype=torch.long, device=device)) if args.class_cond else net
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = diffusion_loss(model_fn, sched, x0, args.pred, gen)
+        loss.mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def mfu_note(net, sched, args, device):
+    """For the log line: images/s -> "MFU x%" on a GPU of the table, else None (no MFU shown)."""
+    peak = peak_flops(device, args.amp)
+    if peak is None:
+        return None
+    flops = training_flops_per_image(net, sched, args, device)
+    return lambda images_per_sec: f"MFU {100 * flops * images_per_sec / peak:.1f}%"
+
+
+# Data parallelism: `torchrun --standalone --nproc_per_node=N ddpm.py ...` starts N copies of
+# this script, one per GPU, and sets RANK, LOCAL_RANK and WORLD_SIZE (nanoGPT's pattern). Each
+# takes its N-th of every global batch of --batch-size digits, draws its own noise and
+# timesteps, and DistributedDataParallel averages the gradients in backward(), so every rank
+# takes the same optimizer step and holds the same weights (and EMA): N GPUs train on the same
+# batches as one, N times faster. Rank 0 alone writes the log, grids, checkpoints and metrics.
+
+def init_distributed(device):
+    """(rank, world size, device). Under torchrun: one process group (nccl on CUDA, gloo on the
+    CPU), rank r on GPU LOCAL_RANK. A plain `python ddpm.py`: (0, 1, device), nothing changes."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        fail(f"torchrun runs on CUDA (nccl) or the CPU (gloo), not on {device.type}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def data_parallel(net, world, device):
+    """The network that trains: under DDP wrapped to average the gradients over the ranks in
+    backward() (it also copies rank 0's initial weights to all); else the network itself."""
+    if world == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def seed_rank(args, rank, step):
+    """DDP: each rank its own noise and timesteps (the same draws on every rank would waste the
+    extra GPUs), from (seed, rank, step), so that a resumed run is reproducible as well."""
+    torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]))
+
+
+def any_rank(flag, world, device):
+    """True on every rank if it is on any: the ranks must stop at the same step. A host sync,
+    used only under DDP with --minutes (each rank's clock differs)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+    flags = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.item() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# 11. Evaluation and main
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -842,6 +950,9 @@ def check_args(args):
         fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     if args.guidance and not args.class_cond and not (args.eval_only or args.resume):  # those read it from the checkpoint
         fail("--guidance applies to a --class-cond model")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} (the global batch) does not split evenly over {world} processes")
     check_classifier(args)
 
 
@@ -1027,14 +1138,15 @@ def load_checkpoint(path, kind):
 class Meter:
     """The log line. Per-image losses are summed on the device and read once per line (a sync
     every step would stall a GPU): each figure is a mean since the last line, per group if
-    asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
+    asked. images/s leaves out the first interval (compile, warm-up) and time in paused().
+    note: images/s -> an extra figure for the line (ddpm.py: MFU on a GPU), or None."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None):
+    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None, note=None):
         self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
         self.device, self.sums, self.last, self.first = device, {}, {}, True
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
         self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
-        self.budget_s = budget_s  # training seconds left, or None
+        self.budget_s, self.note = budget_s, note  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -1063,7 +1175,7 @@ class Meter:
         if self.budget_s is not None:
             eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            f"| eta {eta / 60:.1f} min")
+            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {eta / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
@@ -1139,7 +1251,8 @@ def fail(message):
 
 
 def log(msg):
-    print(msg, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (ddpm.py), rank 0 speaks for all
+        print(msg, flush=True)
 
 
 if __name__ == "__main__":

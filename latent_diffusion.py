@@ -733,14 +733,15 @@ def load_checkpoint(path, kind):
 class Meter:
     """The log line. Per-image losses are summed on the device and read once per line (a sync
     every step would stall a GPU): each figure is a mean since the last line, per group if
-    asked. images/s leaves out the first interval (compile, warm-up) and time in paused()."""
+    asked. images/s leaves out the first interval (compile, warm-up) and time in paused().
+    note: images/s -> an extra figure for the line (ddpm.py: MFU on a GPU), or None."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None):
+    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None, note=None):
         self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
         self.device, self.sums, self.last, self.first = device, {}, {}, True
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
         self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
-        self.budget_s = budget_s  # training seconds left, or None
+        self.budget_s, self.note = budget_s, note  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -769,7 +770,7 @@ class Meter:
         if self.budget_s is not None:
             eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            f"| eta {eta / 60:.1f} min")
+            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {eta / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
@@ -845,7 +846,8 @@ def fail(message):
 
 
 def log(msg):
-    print(msg, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (ddpm.py), rank 0 speaks for all
+        print(msg, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""
+bench.py: how fast does a configuration train and sample, and how much of the device does it use?
+
+    python bench.py                                    # ddpm.py's default model and batch, on the best device
+    python bench.py --channels 16 --batch-size 32      # any ddpm.py flag picks another configuration
+    python bench.py --script vae                       # vae.py's defaults (and any vae.py flag)
+    python bench.py --script vae_no_encoder --json out/bench.json
+
+It builds the model, the loss and the optimizer step with the script's own functions (no
+copies), runs --warmup steps and reports them apart (on CUDA they include torch.compile),
+then times --steps steps with the device synchronised, and prints
+
+    images/s and ms per step   of training, steady state
+    peak memory                of the timed steps (CUDA: allocated tensors; CPU: the process's RSS)
+    FLOPs per image            one forward and backward, counted once by torch's FlopCounterMode
+    MFU                        FLOPs per image x images/s / the device's peak (ddpm.PEAK_TFLOPS;
+                               bf16 with --amp, else TF32), or a note that the device is not in the table
+    samples/s                  ddpm: DDIM-50 (the default sampler) and ancestral (all T steps);
+                               the VAEs: one decoder pass
+
+The digits are random bytes on the device: speed does not depend on what the pixels show, so
+no MNIST is needed. The README's performance table quotes this script's output.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+SCRIPTS = ("ddpm", "vae", "vae_no_encoder")
+
+
+def parse_args(argv=None):
+    """bench.py's own flags; every other flag goes to the benchmarked script's parser."""
+    p = argparse.ArgumentParser(description="Time training steps and sampling of a script's configuration.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Any other flag is the benchmarked script's (e.g. --channels 16, --batch-size 64).")
+    p.add_argument("--script", choices=SCRIPTS, default="ddpm", help="whose configuration and functions")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default: 50 on CUDA, 10 elsewhere)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, 2 elsewhere)")
+    p.add_argument("--sample-n", type=int, default=None,
+                   help="samples drawn in one batch for the sampler timings (default: 10000 on CUDA, 100 elsewhere)")
+    p.add_argument("--ancestral", action=argparse.BooleanOptionalAction, default=None,
+                   help="ddpm: also time ancestral sampling, all T steps (default: on CUDA only; slow elsewhere)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures here")
+    p.prog = "bench.py"
+    p.error = fail
+    args, rest = p.parse_known_args(argv)
+    for name in ("steps", "warmup", "sample_n"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
+    return args, rest
+
+
+def script_config(script, rest):
+    """The script's module and its parsed flags (its defaults plus `rest`), with its checks."""
+    module = importlib.import_module(script)
+    return module, module.parse_args(["--data-dir", "unused"] + rest)  # nothing is loaded: the digits are random
+
+
+# ---------------------------------------------------------------------------------------
+# A training step and a sampler per script, from each script's own functions
+# ---------------------------------------------------------------------------------------
+# Each builder returns a dict: net (the trained module), optimizer (the script's), loss_of(
+# model_fn, uint8 images, labels) -> per-image losses, after_step(step) (ddpm: the EMA),
+# samplers {name: draw(n)}, flops() (or None: counted here). The benchmark wraps them in the
+# same zero_grad / backward / clip / optimizer step as the script's train().
+
+def ddpm_parts(m, config, device):
+    torch.manual_seed(config.seed)
+    sched = m.make_schedule(config.schedule, config.timesteps, device)
+    net = m.build_model(vars(config)).to(device)
+    ema = m.build_model(vars(config)).to(device).requires_grad_(False).eval()
+    ema.load_state_dict(net.state_dict())
+    ema_fn = m.make_model_fn(ema, device, config.amp, config.compile)
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    sample_steps = config.sample_steps or min(50, config.timesteps)
+
+    def loss_of(model_fn, images, labels):
+        if config.class_cond:
+            model_fn = m.with_labels(model_fn, m.drop_labels(labels, config.p_uncond))
+        return m.diffusion_loss(model_fn, sched, m.to_model_range(images), config.pred)[0]
+
+    def after_step(step):
+        m.ema_update(ema_params, params, m.ema_decay(step, config.ema_decay))
+
+    def draw(n, sampler, steps=None):
+        model_fn = (m.for_labels(ema_fn, torch.arange(n, device=device) % 10, config.guidance) if config.class_cond
+                    else ema_fn)
+        return m.sample(model_fn, sched, n, config.pred, sampler, steps, config.eta)
+
+    samplers = {f"DDIM-{sample_steps}, eta {config.eta:g}": lambda n, steps=sample_steps: draw(n, "ddim", steps)}
+    samplers[f"ancestral ({config.timesteps} steps)"] = lambda n, steps=None: draw(n, "ddpm")
+    return {"net": net, "optimizer": torch.optim.AdamW, "loss_of": loss_of, "after_step": after_step,
+            "samplers": samplers, "flops": lambda: m.training_flops_per_image(net, sched, config, device)}
+
+
+def vae_parts(m, config, device):
+    torch.manual_seed(config.seed)
+    net = m.build_model(vars(config)).to(device)
+
+    def loss_of(model_fn, images, labels):
+        x = m.to_model_data(images, config.likelihood, config.binarize)
+        eps = torch.randn(x.shape[0], config.latent_dim, device=device)
+        recon, kl = m.elbo_terms(model_fn, net, x, eps, labels if config.conditional else None)
+        return recon + config.beta * kl
+
+    @torch.no_grad()
+    def draw(n, steps=None):  # decoder means of z ~ N(0, I), as vae.py's grids and scores
+        z = torch.randn((n, net.latent_dim), device=device)
+        y = torch.arange(n, device=device) % 10 if config.conditional else None
+        with torch.autocast(device.type, torch.bfloat16, enabled=config.amp):
+            return net.mean(net.decode(z, y))
+    return {"net": net, "optimizer": torch.optim.Adam, "loss_of": loss_of, "samplers": {"decoder pass": draw}}
+
+
+def vae_no_encoder_parts(m, config, device):
+    torch.manual_seed(config.seed)
+    model = m.build_model(vars(config)).to(device)
+    net_fn = m.make_model_fn(model.net, device, config.amp, config.compile)
+
+    def loss_of(model_fn, images, labels):
+        return m.noise_prediction_loss(model_fn, m.to_model_range(images), config.alpha_bar, config.pred)
+
+    def draw(n, steps=None):
+        return m.generate(net_fn, model, n, "standard")[0]
+    return {"net": model.net, "optimizer": torch.optim.AdamW, "loss_of": loss_of, "samplers": {"decoder pass": draw}}
+
+
+PARTS = {"ddpm": ddpm_parts, "vae": vae_parts, "vae_no_encoder": vae_no_encoder_parts}
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def count_flops_per_image(net, loss_of, device, batch=2):
+    """FLOPs of one training image: the loss's forward and backward through the plain module."""
+    from torch.utils.flop_counter import FlopCounterMode
+    images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8, device=device)
+    labels = torch.arange(batch, device=device) % 10
+    with FlopCounterMode(display=False) as counter:
+        loss_of(net, images, labels).mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def time_training(m, config, parts, device, warmup, steps):
+    """(warm-up seconds, timed seconds) of the script's optimizer step on random digits."""
+    net, loss_of, after_step = parts["net"], parts["loss_of"], parts.get("after_step")
+    opt = parts["optimizer"](net.parameters(), lr=config.lr, fused=m.fused_adam_ok(device))
+    model_fn = m.make_model_fn(net, device, config.amp, config.compile)
+    params, clip = list(net.parameters()), getattr(config, "grad_clip", None)
+    b = config.batch_size
+    data = torch.randint(0, 256, (warmup + steps, b, 28, 28), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (warmup + steps, b), device=device)
+    net.train()
+
+    def run(first, last):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for i in range(first, last):
+            loss = loss_of(model_fn, data[i], labels[i])
+            opt.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            if after_step:
+                after_step(i)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    warm = run(0, warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return warm, run(warmup, warmup + steps)
+
+
+def time_sampler(draw, n, device, warm_steps=2):
+    """Samples/s of one batch of n. A short run first (warm_steps sampler steps) compiles the
+    network for the batch's shapes; 0 skips it (the shapes are known already)."""
+    with torch.no_grad():
+        if warm_steps:
+            draw(n, warm_steps)
+        synchronize(device)
+        t0 = time.perf_counter()
+        draw(n)
+        synchronize(device)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    args, rest = parse_args(argv)
+    m, config = script_config(args.script, rest)
+    device = m.setup(config)
+    cuda = device.type == "cuda"
+    steps, warmup = args.steps or (50 if cuda else 10), args.warmup if args.warmup is not None else (10 if cuda else 2)
+    sample_n = args.sample_n or (10_000 if cuda else 100)
+    ancestral = cuda if args.ancestral is None else args.ancestral
+    parts = PARTS[args.script](m, config, device)
+    n_params = sum(p.numel() for p in parts["net"].parameters())
+    name = m.describe(device)
+    log(f"bench: {args.script}.py {' '.join(rest) or '(defaults)'} | {n_params / 1e6:.2f}M parameters, batch "
+        f"{config.batch_size} | {name}, compile={config.compile}, amp={config.amp} | torch {torch.__version__}")
+
+    flops = parts["flops"]() if "flops" in parts else count_flops_per_image(parts["net"], parts["loss_of"], device)
+    warm, timed = time_training(m, config, parts, device, warmup, steps)
+    images_per_sec = steps * config.batch_size / timed
+    peak = m.peak_memory_mb(device)
+    peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
+    mfu = flops * images_per_sec / peak_flops if peak_flops else None
+    result = {"script": args.script, "flags": rest, "device": name, "torch": torch.__version__,
+              "compile": config.compile, "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
+              "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
+              "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,
+              "peak_flops": peak_flops, "mfu": mfu, "samplers": {}}
+    log(f"warm-up: {warmup} steps in {warm:.1f}s" + (" (torch.compile included)" if config.compile else ""))
+    log(f"train: {images_per_sec:,.0f} images/s | {1000 * timed / steps:.2f} ms/step over {steps} steps | "
+        f"peak memory {peak:,.0f} MB | {flops / 1e9:.3f} GFLOP per image (forward + backward) | "
+        + (f"MFU {100 * mfu:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s ({'bf16' if config.amp else 'TF32'})" if mfu
+           else f"MFU: no peak FLOP/s known for {name} (ddpm.PEAK_TFLOPS)"))
+
+    for label, draw in parts["samplers"].items():
+        if label.startswith("ancestral") and not ancestral:
+            log(f"sample: {label} skipped (pass --ancestral: {config.timesteps} network calls per batch)")
+            continue
+        speed = time_sampler(draw, sample_n, device, warm_steps=0 if label.startswith("ancestral") else 2)
+        result["samplers"][label] = {"n": sample_n, "samples_per_sec": speed, "seconds": sample_n / speed}
+        log(f"sample: {label}: {speed:,.1f} samples/s ({sample_n:,} in {sample_n / speed:.2f}s, one batch)")
+    result["peak_memory_mb_with_sampling"] = m.peak_memory_mb(device)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        log(f"wrote {args.json}")
+    return result
+
+
+def fail(message):
+    print(f"bench.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    main()

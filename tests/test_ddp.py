@@ -1,0 +1,98 @@
+"""torchrun DDP for ddpm.py on the CPU (gloo backend, 2 processes, the fake MNIST): the ranks
+stay in lockstep, split each global batch, draw their own noise, and only rank 0 writes;
+the checkpoint loads in sample.py and a resumed DDP run continues the step count."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--attention",
+        "--batch-size", "32", "--log-every", "4", "--num-samples", "4", "--eval-images", "0", "--device", "cpu"]
+
+
+def torchrun(probe_dir, *args, nproc=2):
+    os.makedirs(probe_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(probe_dir), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, [torch.load(os.path.join(probe_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(fake_mnist, tmp_path_factory):
+    """One epoch (256 digits, global batch 32: 8 steps) on 2 ranks, then --resume for a second."""
+    out = tmp_path_factory.mktemp("ddp")
+    first = torchrun(out / "probe1", "--data-dir", fake_mnist, "--out-dir", out / "run", *TINY, "--epochs", "1")
+    ckpt_after_first = torch.load(out / "run" / "ckpt.pt", weights_only=True)
+    second = torchrun(out / "probe2", "--data-dir", fake_mnist, "--out-dir", out / "run", *TINY, "--epochs", "2",
+                      "--resume")
+    return out, first, ckpt_after_first, second
+
+
+def test_ranks_hold_identical_weights_after_every_step(ddp_run):
+    _, (_, ranks), _, (_, resumed) = ddp_run
+    for r0, r1 in (ranks, resumed):
+        assert len(r0["weights"]) == len(r1["weights"]) == 8
+        for step, (w0, w1, e0, e1) in enumerate(zip(r0["weights"], r1["weights"], r0["ema"], r1["ema"])):
+            assert torch.equal(w0, w1), f"weights differ at step {step}"
+            assert torch.equal(e0, e1), f"EMA differs at step {step}"
+        assert not torch.equal(r0["weights"][0], r0["weights"][-1])  # and they did train
+
+
+def test_each_rank_takes_its_share_and_an_epoch_sees_every_digit_once(ddp_run, fake_mnist):
+    import ddpm
+    _, (_, ranks), _, _ = ddp_run
+    train_x, _ = ddpm.load_mnist(fake_mnist, train=True, device=torch.device("cpu"))
+    seen = []
+    for rank in ranks:
+        shares = rank["images"][:8]  # the training batches come first, then the test loss's
+        assert all(s.shape == (16, 28, 28) for s in shares)  # half of the global batch each
+        seen += [img for s in shares for img in s]
+    as_rows = sorted(tuple(img.flatten().tolist()) for img in seen)
+    assert as_rows == sorted(tuple(img.flatten().tolist()) for img in train_x)
+
+
+def test_ranks_draw_their_own_noise(ddp_run):
+    _, (_, ranks), _, (_, resumed) = ddp_run
+    for r0, r1 in (ranks, resumed):
+        assert not any(torch.equal(a, b) for a, b in zip(r0["timesteps"][:8], r1["timesteps"][:8]))
+
+
+def test_rank_zero_alone_writes_and_the_checkpoint_loads_in_sample_py(ddp_run, tmp_path):
+    import sample
+    out, (proc, ranks), _, _ = ddp_run
+    assert ranks[0]["checkpoints"] >= 1 and ranks[0]["grids"] >= 1
+    assert ranks[1]["checkpoints"] == 0 and ranks[1]["grids"] == 0
+    assert proc.stdout.count("ddpm: ") == 1  # one log, rank 0's
+    assert "x 2 processes (16 images each)" in proc.stdout
+    sample.main(["--ckpt", str(out / "run" / "ckpt.pt"), "--n", "4", "--device", "cpu", "--out",
+                 str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").exists()
+
+
+def test_a_resumed_ddp_run_continues_the_step_count(ddp_run):
+    out, (_, first), ckpt_after_first, (proc, resumed) = ddp_run
+    assert ckpt_after_first["step"] == 8
+    assert "resumed at step 8" in proc.stdout
+    assert torch.load(out / "run" / "ckpt.pt", weights_only=True)["step"] == 16
+    # the checkpoint holds the weights of the last step, and the resumed ranks start from them
+    saved = torch.cat([p.flatten() for p in ckpt_after_first["model"].values()])  # the U-Net has no buffers
+    assert torch.equal(saved, first[0]["weights"][-1])
+    assert 0 < (resumed[0]["weights"][0] - saved).abs().max() < 0.01  # one small step away
+
+
+def test_a_global_batch_that_does_not_split_is_one_line(fake_mnist, tmp_path, monkeypatch, capsys):
+    import ddpm
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: checked before any process group
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(["--data-dir", fake_mnist, "--out-dir", str(tmp_path / "x"), *TINY, "--batch-size", "31"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 31 (the global batch) does not split evenly over 2 processes" in err[0]
+    assert not (tmp_path / "x").exists()
