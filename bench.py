@@ -23,6 +23,8 @@ no MNIST is needed. The README's performance table quotes this script's output.
 """
 
 import argparse
+import contextlib
+import functools
 import importlib
 import json
 import os
@@ -37,6 +39,7 @@ SCRIPTS = ("ddpm", "vae", "vae_no_encoder")
 def parse_args(argv=None):
     """bench.py's own flags; every other flag goes to the benchmarked script's parser."""
     p = argparse.ArgumentParser(description="Time training steps and sampling of a script's configuration.",
+                                allow_abbrev=False,  # --channels is the script's, not short for --channels-last
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Any other flag is the benchmarked script's (e.g. --channels 16, --batch-size 64).")
     p.add_argument("--script", choices=SCRIPTS, default="ddpm", help="whose configuration and functions")
@@ -47,6 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--ancestral", action=argparse.BooleanOptionalAction, default=None,
                    help="ddpm: also time ancestral sampling, all T steps (default: on CUDA only; slow elsewhere)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures here")
+    g = p.add_argument_group("speed experiments (what wins goes into the script's appendix, with its measurement)")
+    g.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
+                   help="torch.compile mode for the script's --compile (reduce-overhead: CUDA graphs)")
+    g.add_argument("--channels-last", action="store_true", help="the network's weights and activations in NHWC")
+    g.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: warn (with a stack) at every host-device sync inside the timed steps")
     p.prog = "bench.py"
     p.error = fail
     args, rest = p.parse_known_args(argv)
@@ -139,6 +148,18 @@ PARTS = {"ddpm": ddpm_parts, "vae": vae_parts, "vae_no_encoder": vae_no_encoder_
 # Timing
 # ---------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def compile_mode(mode):
+    """The scripts call torch.compile(net) without a mode; inside this block it gets `mode`."""
+    original = torch.compile
+    if mode:
+        torch.compile = functools.partial(original, mode=mode)
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,7 +178,7 @@ def count_flops_per_image(net, loss_of, device, batch=2):
     return counter.get_total_flops() / batch
 
 
-def time_training(m, config, parts, device, warmup, steps):
+def time_training(m, config, parts, device, warmup, steps, sync_debug=False):
     """(warm-up seconds, timed seconds) of the script's optimizer step on random digits."""
     net, loss_of, after_step = parts["net"], parts["loss_of"], parts.get("after_step")
     opt = parts["optimizer"](net.parameters(), lr=config.lr, fused=m.fused_adam_ok(device))
@@ -184,9 +205,14 @@ def time_training(m, config, parts, device, warmup, steps):
         return time.perf_counter() - t0
 
     warm = run(0, warmup)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return warm, run(warmup, warmup + steps)
+    if device.type != "cuda":
+        return warm, run(warmup, warmup + steps)
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.set_sync_debug_mode("warn" if sync_debug else 0)
+    try:
+        return warm, run(warmup, warmup + steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def time_sampler(draw, n, device, warm_steps=2):
@@ -206,23 +232,31 @@ def main(argv=None):
     args, rest = parse_args(argv)
     m, config = script_config(args.script, rest)
     device = m.setup(config)
+    if args.compile_mode and not config.compile:
+        fail(f"--compile-mode needs torch.compile: pass --compile (on by default on CUDA only; here {device.type})")
     cuda = device.type == "cuda"
     steps, warmup = args.steps or (50 if cuda else 10), args.warmup if args.warmup is not None else (10 if cuda else 2)
     sample_n = args.sample_n or (10_000 if cuda else 100)
     ancestral = cuda if args.ancestral is None else args.ancestral
-    parts = PARTS[args.script](m, config, device)
+    with compile_mode(args.compile_mode):  # the model functions are wrapped (compiled lazily) here
+        parts = PARTS[args.script](m, config, device)
+    if args.channels_last:
+        parts["net"].to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in parts["net"].parameters())
     name = m.describe(device)
     log(f"bench: {args.script}.py {' '.join(rest) or '(defaults)'} | {n_params / 1e6:.2f}M parameters, batch "
-        f"{config.batch_size} | {name}, compile={config.compile}, amp={config.amp} | torch {torch.__version__}")
+        f"{config.batch_size} | {name}, compile={config.compile}" + (f" ({args.compile_mode})" if args.compile_mode else "")
+        + f", amp={config.amp}" + (", channels_last" if args.channels_last else "") + f" | torch {torch.__version__}")
 
     flops = parts["flops"]() if "flops" in parts else count_flops_per_image(parts["net"], parts["loss_of"], device)
-    warm, timed = time_training(m, config, parts, device, warmup, steps)
+    with compile_mode(args.compile_mode):
+        warm, timed = time_training(m, config, parts, device, warmup, steps, args.sync_debug)
     images_per_sec = steps * config.batch_size / timed
     peak = m.peak_memory_mb(device)
     peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
-    result = {"script": args.script, "flags": rest, "device": name, "torch": torch.__version__,
+    result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
+              "channels_last": args.channels_last, "device": name, "torch": torch.__version__,
               "compile": config.compile, "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,

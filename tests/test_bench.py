@@ -94,3 +94,19 @@ def test_bad_input_is_one_line(argv, needle, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0] and needle in err[0], err
+
+
+def test_speed_experiment_flags(monkeypatch, capsys):
+    """--compile-mode reaches torch.compile (recorded here, not run: compiling takes a minute on a
+    CPU) and is undone afterwards; --channels-last runs."""
+    modes = []
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: modes.append(kw.get("mode")) or net)
+    patched = torch.compile
+    result = bench.main([*FAST, *TINY_DDPM, "--compile", "--compile-mode", "reduce-overhead", "--channels-last"])
+    assert modes and set(modes) == {"reduce-overhead"}
+    assert torch.compile is patched and patched is not original
+    assert result["compile_mode"] == "reduce-overhead" and result["channels_last"]
+    with pytest.raises(SystemExit):
+        bench.main([*FAST, *TINY_DDPM, "--compile-mode", "max-autotune"])  # a CPU: no compile by default
+    assert "--compile-mode needs torch.compile" in capsys.readouterr().err
