@@ -273,7 +273,8 @@ def main(argv=None):
             continue
         speed = time_sampler(draw, sample_n, device, warm_steps=0 if label.startswith("ancestral") else 2)
         result["samplers"][label] = {"n": sample_n, "samples_per_sec": speed, "seconds": sample_n / speed}
-        log(f"sample: {label}: {speed:,.1f} samples/s ({sample_n:,} in {sample_n / speed:.2f}s, one batch)")
+        log(f"sample: {label}: {f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} samples/s "
+            f"({sample_n:,} in {sample_n / speed:.2f}s, one batch)")
     result["peak_memory_mb_with_sampling"] = m.peak_memory_mb(device)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -284,7 +285,8 @@ def main(argv=None):
 
 
 def fail(message):
-    print(f"bench.py: error: {message}", file=sys.stderr)
+    """Stop with one clear line on stderr: bad input is not a traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

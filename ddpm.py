@@ -22,6 +22,7 @@ Run:
     python ddpm.py --data-dir ../shared/mnist --channels 16 --batch-size 32 --lr 1e-3 --minutes 10 --eval-images 0
                                                                  # a CPU: clean digits in 10 minutes (README)
     python ddpm.py --resume --epochs 150                         # continue a run
+    torchrun --standalone --nproc_per_node=8 ddpm.py --epochs 100   # 8 GPUs (--batch-size is the global batch)
     python ddpm.py --eval-only --eval-images 1000                # bits/dim of out/ddpm/ckpt.pt
     python ddpm.py --eval-only --eval-images 0 --score-samples 1000   # FD of the samples (score.py)
 
