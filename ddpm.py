@@ -609,13 +609,7 @@ def train(args):
     mfu = mfu_note(net, sched, args, device)  # None but on a known GPU
     train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)  # the checkpoint
     ema_fn = make_model_fn(ema, device, args.amp, args.compile)  # stores the plain modules; the EMA only infers
-    log(f"ddpm: {sum(p.numel() for p in params) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} schedule, "
-        f"T={args.timesteps}, pred={args.pred}" + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
-        + f" | {len(train_x)} train images, batch {args.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {device.type}"
-        + (f" x {world} processes ({args.batch_size // world} images each)" if world > 1 else "")
-        + f", compile={args.compile}, amp={args.amp}"
-        + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
+    log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device, world))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
     def train_seconds():
@@ -692,6 +686,17 @@ def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_e
         + (f" (label dropped: {metrics['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in metrics else "")
         + (f" | FD {metrics['score']['fd']:.2f} (N={args.score_samples})" if "fd" in metrics.get("score", {}) else "")
         + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
+
+
+def run_description(args, net, n_train, steps_per_epoch, total_steps, device, world):
+    """The first log line: the model, the data and the run length, the hardware."""
+    return (f"ddpm: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} "
+            f"schedule, T={args.timesteps}, pred={args.pred}"
+            + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
+            + f" | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
+            + f" | device {device.type}" + (f" x {world} processes ({args.batch_size // world} images each)" if world > 1 else "")
+            + f", compile={args.compile}, amp={args.amp}"
+            + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
 
 
 def to_model_range(images_u8):
