@@ -35,6 +35,7 @@ import vae_no_encoder
 
 # The script behind each kind of checkpoint: its build_model, setup, CKPT_VERSION and sampling code.
 KINDS = {"ddpm": ddpm, "vae": vae, "vae_no_encoder": vae_no_encoder, "latent_diffusion": latent_diffusion}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # what --out may be: PIL picks the format by it
 GRID_MAX = 1024  # a grid shows at most this many images (an .npz holds all of them)
 
 
@@ -414,6 +415,8 @@ def check_outputs(args):
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             fail(f"{flag} {path} is a folder: give a file name")
+        if flag == "--out" and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+            fail(f"--out writes a picture: give a name ending in .png (or .jpg, .gif, .bmp), got {path!r}")
         if not os.path.isdir(folder):
             fail(f"{flag} {path}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
