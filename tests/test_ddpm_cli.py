@@ -1,4 +1,4 @@
-"""ddpm.py end to end in a subprocess, on the fake MNIST: files written, exact resume,
+"""ddpm.py end to end (in a subprocess and in this process), on the fake MNIST: files written, exact resume,
 the compile + bf16 path, and one clear line for each kind of bad input."""
 import json
 import math
@@ -119,17 +119,20 @@ def test_eval_only(capsys, fake_mnist, tmp_path):
     assert os.path.exists(out / "eval_samples_ddim.png")
 
 
-def test_compile_and_bf16_path_on_cpu(run_script, fake_mnist, tmp_path):
+def test_compile_and_bf16_path_on_cpu(capsys, fake_mnist, tmp_path):
     """What runs on a GPU by default (torch.compile + bf16 autocast), exercised on the CPU so
     that code that breaks compile or autocast fails here and not on a user's GPU."""
-    out = str(tmp_path / "run")
+    out = tmp_path / "run"
     # One batch shape for every call of the sampling network (grid = test batch = 64 images),
     # so it compiles once: a cold inductor compile on 2 CPU cores takes tens of seconds.
-    proc = ddpm(run_script, fake_mnist, out, "--max-steps", "2", "--compile", "--amp", "--eval-images", "0",
-                "--num-samples", "64", "--sampler", "ddim", "--sample-steps", "2")
+    try:
+        proc = ddpm_main(capsys, fake_mnist, out, "--max-steps", "2", "--compile", "--amp", "--eval-images", "0",
+                         "--num-samples", "64", "--sampler", "ddim", "--sample-steps", "2")
+    finally:
+        torch._dynamo.reset()  # in this process: the next tests start with no compiled code
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compile=True, amp=True" in proc.stdout
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    metrics = json.load(open(out / "metrics.json"))
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])
 
 
@@ -153,10 +156,10 @@ def test_bad_arguments(capsys, fake_mnist, tmp_path, args, needle):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_missing_data_offline(run_script, tmp_path, monkeypatch):
+def test_missing_data_offline(capsys, tmp_path, monkeypatch):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    proc = ddpm(run_script, str(tmp_path / "nowhere"), str(tmp_path / "run"))
+    proc = ddpm_main(capsys, tmp_path / "nowhere", tmp_path / "run")
     assert_one_line_error(proc, "MNIST", "train-images-idx3-ubyte", os.path.join("nowhere", "MNIST", "raw"))
 
 
