@@ -95,7 +95,9 @@ def make_parser():
                    help="--class-cond: probability that a training label is dropped (the model then learns p(x) too)")
 
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default="cosine",
+                   help="cosine: with v-prediction, the linear schedule's FD in half the training time "
+                        "(FD 98 against 129 after 10 CPU minutes; README)")
     g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     g.add_argument("--pred", choices=["eps", "x0", "v"], default="v",
                    help="what the network predicts; v: clean digits far sooner than eps (FD 168 against 890 "
@@ -154,7 +156,10 @@ def build_model(config):
 # 1. Noise schedules
 # ---------------------------------------------------------------------------------------
 # beta_t is the variance of the noise added at step t. All schedule math is done in float64
-# (alpha_bar is a product of 1000 numbers close to 1) and stored as float32.
+# (alpha_bar is a product of 1000 numbers close to 1) and stored as float32. The default is
+# the cosine schedule: with v-prediction it reaches the linear schedule's sample quality in
+# about half the training time (README, "Training choices at 10 CPU minutes"); with
+# eps-prediction it is the other way round, another reason the default predicts v.
 
 def linear_betas(T):
     """Ho et al. 2020: beta linear from 1e-4 to 0.02 for T = 1000.
