@@ -107,11 +107,14 @@ def make_parser():
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
                    help="DDIM (few steps), or ancestral DDPM (all T steps: a little better, 20x slower; README)")
-    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
+    g.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="DDIM steps (default 50, or T if fewer); 20: 2.5x faster, the same FD on the CPU "
+                        "recipe's v + cosine model (README)")
     g.add_argument("--eta", type=float, default=None,
                    help="DDIM noise (default 1): 1 draws fresh noise at every step, as DDPM, and gives the best "
                         "digits; 0 is deterministic (one noise, one digit: for interpolating between noises or "
-                        "reproducible encodings) at a price in quality, FD 90 against 32 at 50 steps (README)")
+                        "reproducible encodings) at a price in quality: FD 54 against 37 at 50 steps with v-prediction, "
+                        "90 against 32 with eps (README)")
     g.add_argument("--num-samples", type=positive_int, default=64,
                    help="images per sample grid (--class-cond: num-samples // 10 per class, one row per class)")
     g.add_argument("--guidance", type=float, default=0.0,

@@ -68,10 +68,12 @@ def make_parser():
     g = p.add_argument_group("ddpm only")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
                    help="DDIM (default), or ancestral DDPM (all T steps: a little better, 20x slower; README)")
-    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
+    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None,
+                   help="DDIM steps (default 50, or T if fewer); 20: 2.5x faster, the same FD on the CPU "
+                        "recipe's v + cosine model (README)")
     g.add_argument("--eta", type=float, default=None,
                    help="DDIM noise (default 1, the best digits); 0: deterministic, one noise one digit, "
-                        "FD 90 against 32 at 50 steps (README)")
+                        "FD 54 against 37 at 50 steps with v-prediction, 90 against 32 with eps (README)")
     g.add_argument("--trajectory", action="store_true", help="also write a strip of x_t from noise to digit")
     g.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     g.add_argument("--inpaint", choices=["top", "bottom", "left", "right", "center"], default=None,
