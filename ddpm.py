@@ -113,8 +113,8 @@ def make_parser():
     g.add_argument("--eta", type=float, default=None,
                    help="DDIM noise (default 1): 1 draws fresh noise at every step, as DDPM, and gives the best "
                         "digits; 0 is deterministic (one noise, one digit: for interpolating between noises or "
-                        "reproducible encodings) at a price in quality: FD 54 against 37 at 50 steps with v-prediction, "
-                        "90 against 32 with eps (README)")
+                        "reproducible encodings) at a price in quality: FD 54 against 37 at 50 steps with "
+                        "v-prediction, 90 against 32 with eps (README)")
     g.add_argument("--num-samples", type=positive_int, default=64,
                    help="images per sample grid (--class-cond: num-samples // 10 per class, one row per class)")
     g.add_argument("--guidance", type=float, default=0.0,

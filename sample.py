@@ -418,7 +418,7 @@ def check_outputs(args):
         if os.path.isdir(path):
             fail(f"{flag} {path} is a folder: give a file name")
         if flag == "--out" and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-            fail(f"--out writes a picture: give a name ending in .png (or .jpg, .gif, .bmp), got {path!r}")
+            fail(f"--out writes a picture: give a name ending in {', '.join(IMAGE_EXTENSIONS)}; got {path!r}")
         if not os.path.isdir(folder):
             fail(f"{flag} {path}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):

@@ -1,5 +1,5 @@
-"""ddpm.py end to end (in a subprocess and in this process), on the fake MNIST: files written, exact resume,
-the compile + bf16 path, and one clear line for each kind of bad input."""
+"""ddpm.py end to end (in a subprocess and in this process), on the fake MNIST: files
+written, exact resume, the compile + bf16 path, and one clear line for each kind of bad input."""
 import json
 import math
 import os
