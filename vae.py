@@ -1,46 +1,39 @@
 """
 vae.py: the Variational Autoencoder (Kingma & Welling 2014) on MNIST, from scratch, in one file.
 
-A VAE is a latent-variable model  p(x, z) = p(z) p(x | z),  p(z) = N(0, I),  with a decoder
-network for p(x | z). Its marginal likelihood log p(x) = log E_{p(z)} p(x | z) has no closed
-form, so an encoder network q(z | x) = N(mu(x), diag sigma^2(x)) is trained alongside it to
-maximise the evidence lower bound (ELBO, Kingma & Welling eq. 3):
+A latent-variable model p(x, z) = p(z) p(x | z), p(z) = N(0, I), with a decoder network for
+p(x | z). Its log-likelihood log p(x) = log E_{p(z)} p(x | z) has no closed form, so an encoder
+network q(z | x) = N(mu(x), diag sigma^2(x)) is trained alongside it to maximise the evidence
+lower bound (ELBO, Kingma & Welling eq. 3):
 
     log p(x) >= ELBO(x) = E_{q(z|x)} [ log p(x | z) ]  -  KL( q(z | x) || p(z) )
                           `--- reconstruction ---'      `--- closed form, eq. 10 ---'
 
-The expectation is estimated with one sample z = mu + sigma * eps, eps ~ N(0, I) (the
-reparameterisation trick, eq. 4), which makes it differentiable in the encoder's outputs.
-After training, the importance-weighted bound (IWAE, Burda et al. 2016) with K samples,
+estimated with one sample z = mu + sigma * eps, eps ~ N(0, I) (the reparameterisation trick,
+eq. 4), which is differentiable in the encoder's outputs. After training, the importance-
+weighted bound with K samples (IWAE, Burda et al. 2016), a held-out NLL estimate,
 
     log p(x) >= log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),   z_k ~ q(z | x),
 
-tightens towards log p(x) as K grows and gives the held-out negative log-likelihood estimate.
+tightens towards log p(x) as K grows.
 
-Two likelihoods p(x | z), each a real probability model of its data:
-  bernoulli  for binary pixels: dynamically binarized MNIST (x ~ Bernoulli(pixel) each time a
-             digit is seen), the setting of published MNIST NLLs. The decoder outputs logits.
-  gaussian   for continuous pixels: uniformly dequantized 8-bit MNIST, x = (k + u)/256,
-             u ~ U[0, 1), with N(mean, sigma^2) per pixel, sigma fixed (--sigma 0.1) or learned
-             per pixel by the decoder (--sigma learned). Its density bound converts exactly to
-             bits/dim on the 8-bit scale, the unit of ddpm.py's bound.
+What `python vae.py` runs: MLP encoder and decoder (400 hidden units), a 20-d z, a Bernoulli
+p(x | z) on dynamically binarized MNIST (x ~ Bernoulli(pixel) each time a digit is seen: the
+setting of published MNIST NLLs), 50 epochs of Adam (lr 1e-3, batch 128); then the negative
+ELBO on the test split and the IWAE NLL with K = 5000 on 1000 test digits, in nats per digit.
+--likelihood gaussian models dequantized pixels x = (k + u)/256 with N(mean, sigma^2) per pixel
+(sigma learned, or fixed by --sigma), a bound in bits/dim like ddpm.py's; --class-cond gives
+both networks the digit's label (a conditional VAE).
 
-Run:
-    python vae.py --data-dir ../shared/mnist --epochs 30                        # MLP, Bernoulli
+    python vae.py --data-dir ../shared/mnist --epochs 30                        # the defaults, 30 epochs
     python vae.py --arch cnn --likelihood gaussian --out-dir out/vae_cnn_gauss   # CNN, Gaussian
     python vae.py --latent-dim 2 --out-dir out/vae_2d                           # + the 2-D manifold
     python vae.py --eval-only --iw-samples 5000                                 # evaluate out/vae/ckpt.pt
-    python vae.py --eval-only --score-samples 1000    # FD etc. of 1000 prior samples (score.py's classifier)
 
-Writes to --out-dir (default out/vae): ckpt.pt (weights, optimizer, step, RNG),
-samples_epoch_NNN.png (prior samples), reconstructions.png (inputs over outputs),
-interpolation.png, with --latent-dim 2 manifold.png and latent_space.png, and metrics.json
-(config, losses, held-out negative ELBO and IWAE NLL in nats, bits/dim, speed).
-
-Reading order: the knobs -> networks -> likelihoods and their data -> reparameterisation and
-KL -> ELBO -> IWAE -> bits/dim -> pictures -> training loop -> evaluation -> main(), then the
-appendix (command line, device, data, checkpoints, log: plumbing, the same in every script).
-All nats and bits are per image unless a name says per dim; log is the natural log.
+Writes to --out-dir (default out/vae): ckpt.pt, samples_epoch_NNN.png (prior samples),
+reconstructions.png, interpolation.png (--latent-dim 2: manifold.png, latent_space.png too),
+metrics.json. Below: the knobs, the model and its math, train(), evaluate(), main(); then the
+extensions, this script's run plumbing and the appendix. log is natural; nats are per image.
 """
 import argparse
 import contextlib
@@ -78,15 +71,12 @@ def make_parser():
     p.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
     p.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
-    p.add_argument("--iw-samples", type=nonneg_int, default=5000,
-                   help="K of the IWAE bound for the held-out NLL estimate (0 skips it)")
+    p.add_argument("--iw-samples", type=nonneg_int, default=5000, help="K of the held-out IWAE bound (0 skips it)")
     p.add_argument("--iw-images", type=nonneg_int, default=1000,
                    help="test images for the IWAE bound (K decoder calls each; 0 skips it)")
     p.add_argument("--score-samples", type=nonneg_int, default=0,
-                   help="at the end (also with --eval-only): draw N prior samples and score them with score.py "
-                        "(FD, IS, precision/recall; N >= 1000 for FDs that compare); 0: off")
-    p.add_argument("--classifier", default="out/classifier/ckpt.pt",
-                   help="score.py's digit classifier, for --score-samples")
+                   help="at the end (also with --eval-only): score N prior samples with score.py; 0: off")
+    p.add_argument("--classifier", default="out/classifier/ckpt.pt", help="score.py's digit classifier")
     # the model
     p.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="encoder/decoder networks")
     p.add_argument("--latent-dim", type=positive_int, default=20, help="L, the size of z (2 also draws the manifold)")
@@ -94,203 +84,139 @@ def make_parser():
     p.add_argument("--channels", type=positive_int, default=32, help="CNN width: c and 2c channels at 14x14 and 7x7")
     p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli", help="p(x | z)")
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
-                   help="bernoulli: dynamically binarize the data (default on; without it the nats are "
-                        "not a likelihood)")
-    p.add_argument("--sigma", type=sigma_value, default=None,
-                   help="gaussian: fixed decoder std on the [0, 1] scale, or 'learned' (per pixel, by the "
-                        "decoder; the default)")
+                   help="bernoulli: dynamically binarize the data (default on; else the nats are not a likelihood)")
+    p.add_argument("--sigma", default=None,
+                   help="gaussian: a fixed decoder std on the [0, 1] scale, or 'learned' per pixel (the default)")
     p.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE); 1 is the ELBO")
-    p.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=False,
                    help="a conditional VAE (Sohn et al. 2015): q(z | x, y) and p(x | z, y) with the digit's label y")
     return p
 
 
-# ---------------------------------------------------------------------------------------
-# 1. Networks: encoder x -> (mu, log sigma^2) of q(z | x), decoder z -> parameters of p(x | z)
-# ---------------------------------------------------------------------------------------
+# ---------------- 1. Networks: encoder x -> q(z | x), decoder z -> p(x | z) -----------------
 # Both architectures have the same interface, so everything below them is shared:
-#   encoder: (B, 1, 28, 28) -> (B, 2 * latent_dim)       [mu | log sigma^2], split by VAE.encode
-#   decoder: (B, latent_dim) -> (B, out_channels, 28, 28) per-pixel distribution parameters
-# The encoder predicts log sigma^2 rather than sigma: it is unconstrained, and exp() keeps
-# the variance positive.
-# A conditional VAE (--conditional) also gives both networks the label as a one-hot vector
-# c (B, 10): the MLPs read [x | c] and [z | c]; the CNN encoder reads c as 10 extra constant
-# image channels, the CNN decoder [z | c]. Unconditional networks are called with c = None.
+#   encoder: (B, 1, 28, 28) -> (B, 2L), [mu | log_var];  decoder: (B, L) -> (B, C, 28, 28)
+# The encoder predicts log_var = log sigma^2, not sigma: it is unconstrained, and exp() keeps the
+# variance positive. A conditional VAE (--class-cond) also gives both networks the label as a
+# one-hot c (B, 10): the MLPs read [x | c] and [z | c]; the CNN encoder reads c as 10 constant
+# image channels, the CNN decoder [z | c] (VAE.encode and VAE.decode put it there).
 
-class MLPEncoder(nn.Module):
-    """784 -> hidden -> 2L with one ReLU hidden layer (the MNIST model of Kingma & Welling,
-    appendix C, with ReLU for tanh). mu and log sigma^2 come out of one Linear: one matmul."""
-
-    def __init__(self, latent_dim, hidden_dim, num_classes=0):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(D + num_classes, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, 2 * latent_dim))
-
-    def forward(self, x, c=None):
-        return self.net(with_label(x.flatten(1), c))  # (Flatten is then a no-op; it keeps the weights' names)
-
-
-class MLPDecoder(nn.Module):
-    """L -> hidden -> out_channels * 784, reshaped to images."""
-
-    def __init__(self, latent_dim, hidden_dim, out_channels, num_classes=0):
-        super().__init__()
-        self.out_channels = out_channels
-        self.net = nn.Sequential(nn.Linear(latent_dim + num_classes, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, out_channels * D))
-
-    def forward(self, z, c=None):
-        return self.net(with_label(z, c)).view(-1, self.out_channels, 28, 28)
+def make_networks(arch, latent_dim, hidden_dim, channels, out_channels, num_classes):
+    """(encoder, decoder); num_classes: the size of the one-hot label they also read (0: none).
+    mlp: 784 -> hidden -> 2L and L -> hidden -> out_channels x 784, one ReLU hidden layer each
+         (the MNIST model of Kingma & Welling, appendix C, with ReLU for tanh).
+    cnn: two stride-2 convolutions and a Linear, (B,1,28,28) -> (B,c,14,14) -> (B,2c,7,7) -> (B, 2L),
+         and the mirror image. Kernel 4, stride 2, padding 1 maps n to exactly n/2, and transposed
+         to (n - 1)*2 - 2 + 4 = 2n: 28 -> 14 -> 7 -> 14 -> 28, no cropping, no output_padding."""
+    L, h, c, k = latent_dim, hidden_dim, channels, num_classes
+    if arch == "mlp":  # mu and log_var come out of one Linear: one matmul
+        return (nn.Sequential(nn.Linear(D + k, h), nn.ReLU(), nn.Linear(h, 2 * L)),
+                nn.Sequential(nn.Linear(L + k, h), nn.ReLU(), nn.Linear(h, out_channels * D),
+                              nn.Unflatten(1, (out_channels, 28, 28))))
+    encoder = nn.Sequential(
+        nn.Conv2d(1 + k, c, 4, stride=2, padding=1), nn.ReLU(),              # 28 -> 14
+        nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.ReLU(),              # 14 -> 7
+        nn.Flatten(), nn.Linear(2 * c * 7 * 7, 2 * L))
+    decoder = nn.Sequential(
+        nn.Linear(L + k, 2 * c * 7 * 7), nn.ReLU(), nn.Unflatten(1, (2 * c, 7, 7)),
+        nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),     # 7 -> 14
+        nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1))         # 14 -> 28
+    return encoder, decoder
 
 
-class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions halve the resolution twice, then one Linear:
-    (B,1,28,28) -> (B,c,14,14) -> (B,2c,7,7) -> (B, 2L).
-    A 4x4 kernel with stride 2 and padding 1 maps n to exactly n/2 for even n."""
-
-    def __init__(self, latent_dim, channels, num_classes=0):
-        super().__init__()
-        c = channels
-        self.net = nn.Sequential(
-            nn.Conv2d(1 + num_classes, c, 4, stride=2, padding=1), nn.ReLU(),  # 28 -> 14
-            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.ReLU(),            # 14 -> 7
-            nn.Flatten(), nn.Linear(2 * c * 7 * 7, 2 * latent_dim))
-
-    def forward(self, x, c=None):
-        if c is not None:  # the one-hot label as constant planes: (B, 1 + 10, 28, 28)
-            x = torch.cat([x, c[:, :, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], 1)
-        return self.net(x)
-
-
-class ConvDecoder(nn.Module):
-    """The mirror image: Linear to (2c,7,7), then two stride-2 transposed convolutions:
-    (B, L) -> (B,2c,7,7) -> (B,c,14,14) -> (B,out_channels,28,28).
-    A transposed conv with kernel 4, stride 2, padding 1 gives (n - 1)*2 - 2 + 4 = 2n: exactly
-    28 from 7, with no cropping and no output_padding."""
-
-    def __init__(self, latent_dim, channels, out_channels, num_classes=0):
-        super().__init__()
-        c = channels
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim + num_classes, 2 * c * 7 * 7), nn.ReLU(),
-            nn.Unflatten(1, (2 * c, 7, 7)),
-            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),   # 7 -> 14
-            nn.ConvTranspose2d(c, out_channels, 4, stride=2, padding=1))     # 14 -> 28
-
-    def forward(self, z, c=None):
-        return self.net(with_label(z, c))
-
-
-def with_label(v, c):
-    """[v | c]: a (B, n) input with the one-hot label (B, 10) appended; v itself if c is None."""
+def concat_label(v, c):
+    """[v | c]: a (B, n) network input with the one-hot label c (B, 10) appended; v itself if c is None."""
     return v if c is None else torch.cat([v, c.to(v.dtype)], 1)
 
 
-# Soft floor of a learned log sigma (VAE.gaussian_params): a pure guard against a runaway
-# division. The dequantization noise alone (std 1/256/sqrt(12) = 0.0011, log -6.8) keeps
-# useful sigmas above it.
-LOG_SIGMA_MIN = -8.0
+# Soft floor of a learned log_std (VAE.gaussian_params): a pure guard against a runaway division.
+# The dequantization noise alone (std 1/256/sqrt(12) = 0.0011, log -6.8) keeps useful sigmas above it.
+LOG_STD_MIN = -8.0
 
 
 class VAE(nn.Module):
-    """Encoder + decoder + what the decoder's output means (the likelihood).
-
-    Decoder output channels:
+    """Encoder + decoder + what the decoder's output means (the likelihood). Output channels:
       bernoulli:              1, the logits of p(pixel = 1 | z)
       gaussian, fixed sigma:  1, the logits of the mean (mean = sigmoid(.), in (0, 1) like the data)
-      gaussian, learned:      2, mean logits and an unconstrained log-sigma per pixel
+      gaussian, learned:      2, mean logits and an unconstrained log_std per pixel
     encode and decode return float32 even when the networks run in bf16 (autocast), so all
-    the math around them (sampling z, the likelihood, the KL, the bounds) is fp32.
-    """
+    the math around them (sampling z, the likelihood, the KL, the bounds) is fp32."""
 
     def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, channels=32,
-                 likelihood="bernoulli", sigma="learned", conditional=False):
+                 likelihood="bernoulli", sigma="learned", class_cond=False):
         super().__init__()
-        if arch not in ("mlp", "cnn"):
-            raise ValueError(f"unknown arch {arch!r}: use 'mlp' or 'cnn'")
-        if likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"unknown likelihood {likelihood!r}: use 'bernoulli' or 'gaussian'")
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-        self.latent_dim = latent_dim
-        self.num_classes = 10 if conditional else 0
-        self.likelihood = likelihood
+        if arch not in ("mlp", "cnn") or likelihood not in ("bernoulli", "gaussian") or latent_dim < 1:
+            raise ValueError(f"no such VAE: arch {arch!r} (mlp, cnn), likelihood {likelihood!r} "
+                             f"(bernoulli, gaussian), latent_dim {latent_dim} (>= 1)")
+        self.latent_dim, self.likelihood, self.num_classes = latent_dim, likelihood, 10 if class_cond else 0
         self.learned_sigma = likelihood == "gaussian" and sigma == "learned"
-        # A fixed sigma is a constant of the model, not a weight: it lives in the config, as the
-        # text of --sigma ("0.1"; older checkpoints hold the float 0.1, which float() reads too).
+        # A fixed sigma is a constant of the model, not a weight: it lives in the config, as the text of --sigma.
         self.fixed_sigma = None if (likelihood == "bernoulli" or self.learned_sigma) else float(sigma)
-        out_channels = 2 if self.learned_sigma else 1
-        k = self.num_classes
-        if arch == "mlp":
-            self.encoder = MLPEncoder(latent_dim, hidden_dim, k)
-            self.decoder = MLPDecoder(latent_dim, hidden_dim, out_channels, k)
-        else:
-            self.encoder = ConvEncoder(latent_dim, channels, k)
-            self.decoder = ConvDecoder(latent_dim, channels, out_channels, k)
+        self.arch, out_channels = arch, 2 if self.learned_sigma else 1
+        self.encoder, self.decoder = make_networks(arch, latent_dim, hidden_dim, channels, out_channels,
+                                                   self.num_classes)
 
     def one_hot(self, y):
-        """Labels (B,) -> one-hot (B, 10) for a conditional VAE; None for an unconditional one."""
-        if not self.num_classes:
-            if y is not None:
-                raise ValueError("this VAE is unconditional: call it without labels")
-            return None
-        if y is None:
-            raise ValueError("this VAE is conditional (a CVAE): it needs the labels y")
-        return F.one_hot(y, self.num_classes)
+        """Labels (B,) -> one-hot (B, 10) for a conditional VAE; None (and no labels) for an unconditional one."""
+        if (y is None) == bool(self.num_classes):
+            raise ValueError("this VAE is conditional (a CVAE): it needs the labels y" if self.num_classes
+                             else "this VAE is unconditional: call it without labels")
+        return F.one_hot(y, self.num_classes) if self.num_classes else None
 
     def encode(self, x, y=None):
-        """(B,1,28,28) [, labels (B,)] -> mu, logvar, each (B, L): the parameters of q(z | x[, y])."""
-        return self.encoder(x, self.one_hot(y)).float().chunk(2, dim=1)
+        """(B,1,28,28) [, labels (B,)] -> mu, log_var, each (B, L): the parameters of q(z | x[, y])."""
+        c = self.one_hot(y)
+        if self.arch == "mlp":
+            x = concat_label(x.flatten(1), c)
+        elif c is not None:  # the one-hot label as constant planes: (B, 1 + 10, 28, 28)
+            x = torch.cat([x, c[:, :, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], 1)
+        return self.encoder(x).float().chunk(2, dim=1)
 
     def decode(self, z, y=None):
-        """(B, L) [, labels (B,)] -> raw decoder output (B, out_channels, 28, 28); see
-        log_likelihood / mean."""
-        return self.decoder(z, self.one_hot(y)).float()
+        """(B, L) [, labels (B,)] -> raw decoder output (B, out_channels, 28, 28): see log_likelihood, mean."""
+        return self.decoder(concat_label(z, self.one_hot(y))).float()
 
     def forward(self, x, eps, y=None):
-        """The ELBO's pass: q(z | x), the sample z = mu + sigma * eps (sec. 3), its decoding.
-        (B,1,28,28), (B, L) [, labels (B,)] -> decoder output, mu, logvar."""
-        mu, logvar = self.encode(x, y)
-        return self.decode(reparameterize(mu, logvar, eps), y), mu, logvar
+        """The ELBO's pass: q(z | x), the sample z = mu + sigma * eps, its decoding -> out, mu, log_var."""
+        mu, log_var = self.encode(x, y)
+        return self.decode(reparameterize(mu, log_var, eps), y), mu, log_var
 
     def log_likelihood(self, x, out):
         """log p(x | z) summed over the 784 pixels: (B,1,28,28), (B,C,28,28) -> (B,)."""
         if self.likelihood == "bernoulli":
             return bernoulli_log_likelihood(x, out)
-        mean, log_sigma = self.gaussian_params(out)
-        return gaussian_log_density(x, mean, log_sigma).sum(dim=(1, 2, 3))
+        mean, log_std = self.gaussian_params(out)
+        return gaussian_log_density(x, mean, log_std).sum(dim=(1, 2, 3))
 
     def gaussian_params(self, out):
-        """Mean and log sigma of the Gaussian decoder, each (B,1,28,28)."""
+        """Mean and log_std of the Gaussian decoder, each (B,1,28,28)."""
         mean = torch.sigmoid(out[:, :1])
-        if self.learned_sigma:
-            # Soft floor: softplus(r - m) + m ~ r above m = LOG_SIGMA_MIN, -> m below it.
-            log_sigma = F.softplus(out[:, 1:] - LOG_SIGMA_MIN) + LOG_SIGMA_MIN
-        else:
-            log_sigma = torch.full_like(mean, math.log(self.fixed_sigma))
-        return mean, log_sigma
+        if self.learned_sigma:  # soft floor: softplus(r - m) + m ~ r above m = LOG_STD_MIN, -> m below it
+            return mean, F.softplus(out[:, 1:] - LOG_STD_MIN) + LOG_STD_MIN
+        return mean, torch.full_like(mean, math.log(self.fixed_sigma))
 
     def mean(self, out):
-        """The decoder's mean E[x | z] in [0, 1], the picture to show: for Bernoulli the
-        probabilities sigmoid(logits), never binary draws."""
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(out)
-        return self.gaussian_params(out)[0]
+        """E[x | z] in [0, 1], the picture to show: for Bernoulli sigmoid(logits), never binary draws."""
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else self.gaussian_params(out)[0]
+
+    @torch.no_grad()
+    def sample(self, n, generator=None, y=None):
+        """The generative model run forward: z ~ p(z) = N(0, I), then the mean of p(x | z[, y]): (n, 1, 28, 28)."""
+        z = torch.randn((n, self.latent_dim), device=next(self.parameters()).device, generator=generator)
+        return self.mean(self.decode(z, y))
 
 
-MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize", "conditional")
+MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sigma", "binarize", "class_cond")
 
 
 def build_model(config):
     """The VAE described by a config dict (the argparse namespace, or a checkpoint's)."""
     return VAE(arch=config["arch"], latent_dim=config["latent_dim"], hidden_dim=config["hidden_dim"],
                channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"],
-               conditional=config.get("conditional", False))  # older checkpoints: unconditional
+               class_cond=config["class_cond"])
 
 
-# ---------------------------------------------------------------------------------------
-# 2. Likelihoods p(x | z), and the data each one models
-# ---------------------------------------------------------------------------------------
+# ------------------ 2. Likelihoods p(x | z), and the data each one models -------------------
 
 def bernoulli_log_likelihood(x, logits):
     """log p(x | z) = sum_i x_i log p_i + (1 - x_i) log(1 - p_i),  p_i = sigmoid(logits_i).
@@ -304,66 +230,70 @@ def bernoulli_log_likelihood(x, logits):
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=(1, 2, 3))
 
 
-def gaussian_log_density(x, mean, log_sigma):
+def gaussian_log_density(x, mean, log_std):
     """log N(x; mean, sigma^2) per element, with the normalising constant:
 
         log N(x; mu, sigma^2) = -1/2 log(2 pi) - log sigma - (x - mu)^2 / (2 sigma^2)
 
     Without -log sigma and -1/2 log(2 pi) this is a scaled squared error, not a log-density:
     summed MSE is not a negative log-likelihood and its value depends on the arbitrary scale."""
-    return -0.5 * math.log(2 * math.pi) - log_sigma - 0.5 * ((x - mean) * torch.exp(-log_sigma)) ** 2
+    return -0.5 * math.log(2 * math.pi) - log_std - 0.5 * ((x - mean) * torch.exp(-log_std)) ** 2
 
 
-def to_model_data(images_u8, likelihood, binarize, generator=None):
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], the data each likelihood models.
+def to_model_range(images_u8):
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], this chapter's range: the grey levels k / 255."""
+    return images_u8.unsqueeze(1).float() / 255
 
-    bernoulli, binarize:  x ~ Bernoulli(k / 255), a fresh draw each call (dynamic binarization,
-                          as in Burda et al. 2016: the model never sees the same binary digit twice)
-    bernoulli, no binarize: x = k / 255 (grey levels: trains, but the nats are not a likelihood)
-    gaussian:             x = (k + u) / 256, u ~ U[0, 1) fresh each call (uniform dequantization, sec. 5)
-    """
+
+def binarize(x, generator=None):
+    """Dynamic binarization (as in Burda et al. 2016): x ~ Bernoulli(grey level), a fresh draw each
+    call, so the model never sees the same binary digit twice. The data of the Bernoulli likelihood."""
+    return torch.bernoulli(x, generator=generator)
+
+
+def dequantize(images_u8, generator=None):
+    """Uniform dequantization (section 5): level k -> x = (k + u) / 256, u ~ U[0, 1) fresh each call,
+    uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1). The data of the Gaussian likelihood."""
     k = images_u8.unsqueeze(1).float()
+    return (k + torch.rand(k.shape, device=k.device, generator=generator)) / 256
+
+
+def likelihood_data(images_u8, likelihood, binarized, generator=None):
+    """uint8 (B, 28, 28) -> the data (B, 1, 28, 28) the likelihood models. bernoulli: binarized grey
+    levels, or with --no-binarize the grey levels themselves (it trains, but the nats are a
+    cross-entropy, not a likelihood); gaussian: dequantized levels."""
     if likelihood == "gaussian":
-        return (k + torch.rand(k.shape, device=k.device, generator=generator)) / 256
-    x = k / 255
-    if binarize:
-        x = torch.bernoulli(x, generator=generator)
-    return x
+        return dequantize(images_u8, generator)
+    x = to_model_range(images_u8)
+    return binarize(x, generator) if binarized else x
 
 
-# ---------------------------------------------------------------------------------------
-# 3. The approximate posterior q(z | x): reparameterised sample and KL to the prior
-# ---------------------------------------------------------------------------------------
+# ---------- 3. The approximate posterior q(z | x): its sample, its KL to the prior ----------
 
-def reparameterize(mu, logvar, eps):
+def reparameterize(mu, log_var, eps):
     """z = mu + sigma * eps, eps ~ N(0, I)  (Kingma & Welling eq. 4 / sec. 2.4).
 
     z ~ N(mu, sigma^2) as required, but the randomness is in eps, which does not depend on the
     encoder, so dz/dmu = 1 and dz/dsigma = eps: gradients flow through the sample."""
-    return mu + torch.exp(0.5 * logvar) * eps
+    return mu + torch.exp(0.5 * log_var) * eps
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats:
-
-        KL = 1/2 (-1 + logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2)
-
-    Against the prior N(0, I) (mean2 = logvar2 = 0) it is Kingma & Welling's appendix B,
-    -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2): exact, so the KL term of the
-    ELBO needs no sampling."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+# KL = 1/2 (-1 + log_var2 - log_var1 + e^(log_var1 - log_var2) + (mean1 - mean2)^2 e^-log_var2).
+# Against the prior N(0, I) (mean2 = log_var2 = 0) it is Kingma & Welling's appendix B,
+# -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2): exact, so the ELBO's KL needs no sampling.
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
 
 
-def log_normal_diag(z, mu, logvar):
-    """log N(z; mu, diag e^logvar) summed over the last dim: the densities log q(z|x), log p(z)
-    that the IWAE weights need (B..., L) -> (B...)."""
-    return (-0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 * torch.exp(-logvar))).sum(dim=-1)
+def log_normal_diag(z, mu, log_var):
+    """log N(z; mu, diag e^log_var) summed over the last dim, (B..., L) -> (B...): the densities
+    log q(z | x) and log p(z) of the IWAE weights."""
+    return (-0.5 * (math.log(2 * math.pi) + log_var + (z - mu) ** 2 * torch.exp(-log_var))).sum(dim=-1)
 
 
-# ---------------------------------------------------------------------------------------
-# 4. The ELBO (training objective) and the IWAE bound (evaluation)
-# ---------------------------------------------------------------------------------------
+# ------------- 4. The ELBO (training objective) and the IWAE bound (evaluation) -------------
 
 def elbo_terms(model_fn, model, x, eps, y=None):
     """One-sample estimate of the two ELBO terms per image: (B,) reconstruction, (B,) KL.
@@ -372,13 +302,13 @@ def elbo_terms(model_fn, model, x, eps, y=None):
         kl    = KL(q(z | x) || p(z))                    (exact, eq. 10)
         negative ELBO = recon + kl  >=  -log p(x)
 
-    model_fn(x, eps[, y]) -> (out, mu, logvar) is the VAE's forward pass (perhaps compiled, the
+    model_fn(x, eps[, y]) -> (out, mu, log_var) is the VAE's forward pass (perhaps compiled, the
     networks perhaps in bf16; its outputs fp32); model.log_likelihood reads the output.
     A conditional VAE (Sohn et al. 2015, eq. 4) with labels y: the same terms with q(z | x, y)
     and p(x | z, y), and p(z | y) = N(0, I): a bound on -log p(x | y)."""
-    out, mu, logvar = model_fn(x, eps) if y is None else model_fn(x, eps, y)
+    out, mu, log_var = model_fn(x, eps) if y is None else model_fn(x, eps, y)
     zeros = torch.zeros_like(mu)  # p(z) = N(0, I): mean 0, log variance 0
-    return -model.log_likelihood(x, out), normal_kl(mu, logvar, zeros, zeros).sum(dim=1)
+    return -model.log_likelihood(x, out), normal_kl(mu, log_var, zeros, zeros).sum(dim=1)
 
 
 def vae_loss(recon, kl, beta):
@@ -399,186 +329,45 @@ def iwae_bound(encode, log_lik, x, k, rows=4096, generator=None):
 
     E[L_1] is the ELBO, E[L_K] <= E[L_{K+1}] <= log p(x), and L_K -> log p(x) as K -> infinity
     (Burda et al. theorem 1), so -L_K with K in the thousands is the usual NLL estimate.
-
-    Memory stays flat in K: the samples are drawn in chunks of about `rows` decoder inputs,
-    each chunk is reduced to its own logsumexp (B,), and the chunk results are combined with
-    one more logsumexp (logsumexp is associative over a partition of the k's).
-    encode(x) -> mu, logvar; log_lik(x, z) -> log p(x | z) for z (B, L) -> (B,)."""
+    Memory stays flat in K: the samples are drawn in chunks of about `rows` decoder inputs, each
+    chunk reduced to its own logsumexp (B,), and the chunks combined with one more logsumexp.
+    encode(x) -> mu, log_var; log_lik(x, z) -> log p(x | z) for z (B, L) -> (B,)."""
     B = x.shape[0]
-    mu, logvar = encode(x)                                        # (B, L): the encoder runs once
-    chunk = max(1, rows // B)
-    zeros = torch.zeros_like(mu)
-    partial = []
+    mu, log_var = encode(x)                                       # (B, L): the encoder runs once
+    chunk, zeros, partial = max(1, rows // B), torch.zeros_like(mu), []
     for start in range(0, k, chunk):
         c = min(chunk, k - start)
         eps = torch.randn((c,) + mu.shape, device=x.device, generator=generator)  # (c, B, L)
-        z = reparameterize(mu, logvar, eps)                          # broadcast over the c samples
+        z = reparameterize(mu, log_var, eps)                         # broadcast over the c samples
         x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * B, *x.shape[1:])
         log_px = log_lik(x_rep, z.reshape(c * B, -1)).view(c, B)    # log p(x | z_k)
         log_pz = log_normal_diag(z, zeros, zeros)                    # log p(z_k), N(0, I)
-        log_qz = log_normal_diag(z, mu, logvar)                      # log q(z_k | x)
+        log_qz = log_normal_diag(z, mu, log_var)                     # log q(z_k | x)
         partial.append(torch.logsumexp(log_px + log_pz - log_qz, dim=0))  # (B,)
     return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
 
 
-# ---------------------------------------------------------------------------------------
-# 5. Bits per dimension on the 8-bit scale (Gaussian likelihood)
-# ---------------------------------------------------------------------------------------
-# The Gaussian decoder is a density, and a density's value depends on the scale of the data:
-# the same model on x/2 has log-density larger by D log 2. A scale-free number needs the
-# discrete data the density stands for. Here: uniform dequantization (Theis et al. 2016,
-# "A note on the evaluation of generative models", sec. 3.1). Pixel level k in {0..255} becomes
-# x = (k + u)/256 with u ~ U[0, 1), so each level owns the bin [k/256, (k+1)/256) of width
-# 1/256, and for any density p on [0, 1]^D, by Jensen's inequality,
+# -------------- 5. Bits per dimension on the 8-bit scale (Gaussian likelihood) --------------
+# A density's value depends on the scale of the data (the same model on x/2 has log-density
+# larger by D log 2); a scale-free number needs the discrete data the density stands for. Here:
+# uniform dequantization (Theis et al. 2016, "A note on the evaluation of generative models",
+# sec. 3.1). Level k in {0..255} becomes x = (k + u)/256, u ~ U[0, 1), so each level owns the
+# bin [k/256, (k+1)/256), and for any density p on [0, 1]^D, by Jensen's inequality,
 #
-#     log P(k) = log int_bin p(x) dx = log E_u[p((k + u)/256)] - D log 256
-#              >= E_u[log p(x)] - D log 256.
+#     log P(k) = log int_bin p(x) dx = log E_u[p((k + u)/256)] - D log 256  >=  E_u[log p(x)] - D log 256.
 #
-# So  -log2 P(k) / D  <=  (-log p(x) + D log 256) / (D log 2)  =  -log p(x) / (D log 2) + 8,
-# in bits per 8-bit pixel, whatever continuous scale x uses (the D log 256 is the log of the
-# Jacobian from [0, 1] to the 8-bit scale [0, 256)). Any upper bound on -log p(x) (the negative
-# ELBO, the IWAE NLL) stays an upper bound. ddpm.py's bound is on the same quantity (a
-# discretized decoder on the 256 levels of [-1, 1]), so the two are directly comparable.
+# So  -log2 P(k) / D  <=  (-log p(x) + D log 256) / (D log 2)  =  -log p(x) / (D log 2) + 8  bits per
+# 8-bit pixel (D log 256: the log of the Jacobian from [0, 1] to [0, 256)). Any upper bound on
+# -log p(x) (negative ELBO, IWAE NLL) stays one. ddpm.py bounds the same quantity (a discretized
+# decoder on the 256 levels of [-1, 1]), so the two are directly comparable.
 
 def bits_per_dim_dequantized(nll_nats):
-    """Upper bound on the 8-bit discrete NLL in bits/dim from -log p(x) in nats of the
-    density of dequantized x = (k + u)/256 in [0, 1]^784 (see above)."""
+    """Upper bound on the 8-bit discrete NLL in bits/dim, from -log p(x) in nats of the density of
+    dequantized x = (k + u)/256 in [0, 1]^784 (see above)."""
     return (nll_nats + D * math.log(256)) / (D * math.log(2))
 
 
-# ---------------------------------------------------------------------------------------
-# 6. Pictures: all through net.encode / net.decode; the caller picks the precision (autocast)
-# ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def save_samples(net, path, args, device):
-    """Decoder means of --num-samples prior samples z ~ N(0, I), the same z every call (a fixed
-    generator), so the grids of successive epochs show the same latent points. A CVAE: one
-    row per digit 0..9, num_samples // 10 samples each."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    n, nrow, y = args.num_samples, int(math.ceil(math.sqrt(args.num_samples))), None
-    if net.num_classes:
-        nrow = max(1, args.num_samples // 10)
-        n, y = 10 * nrow, torch.arange(10, device=device).repeat_interleave(nrow)
-    z = torch.randn((n, net.latent_dim), device=device, generator=gen)
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-        images = net.mean(net.decode(z, y))
-    save_image(images.cpu(), path, nrow=nrow)
-
-
-def score_prior_samples(net, args, device):
-    """--score-samples N: the decoder means of N prior draws z ~ N(0, I), as in the grids,
-    scored by score.py. A CVAE: the ten digits equally often, and the classifier's accuracy
-    on the labels asked for."""
-    def draw(n, gen, y=None):
-        z = torch.randn((n, net.latent_dim), device=device, generator=gen)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            return net.mean(net.decode(z, None if y is None else y.to(device)))
-    labels = torch.arange(args.score_samples) % 10 if net.num_classes else None
-    return draw_and_score(args, draw, device, "decoder means of z ~ N(0, I), one decoder pass per sample", labels)
-
-
-@torch.no_grad()
-def save_reconstructions(net, test_data, test_y, path, n=16):
-    """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
-    the decoder means at the posterior means z = mu(x) (a CVAE: mu(x, y), decoded with y)."""
-    x, y = test_data[:2 * n], test_y[:2 * n] if net.num_classes else None
-    mu, _ = net.encode(x, y)
-    recon = net.mean(net.decode(mu, y))
-    rows = [x[:n], recon[:n], x[n:], recon[n:]]
-    save_image(torch.cat(rows).cpu(), path, nrow=n)
-
-
-@torch.no_grad()
-def save_interpolation(net, test_data, path, pairs=8, steps=10):
-    """Each row walks in a straight line between the posterior means of two test digits,
-    z = (1 - a) mu(x1) + a mu(x2), a = 0 .. 1, and shows the decoder means."""
-    x = test_data[:2 * pairs]
-    mu, _ = net.encode(x)
-    a = torch.linspace(0, 1, steps, device=x.device).view(1, steps, 1)
-    z = (1 - a) * mu[:pairs, None] + a * mu[pairs:, None]           # (pairs, steps, L)
-    save_image(net.mean(net.decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
-
-
-@torch.no_grad()
-def save_style(net, test_data, test_y, path, rows=4):
-    """A CVAE: what z holds once the label is given. Each row decodes one z with each label
-    0..9 (columns 2 to 11). The top rows: z ~ N(0, I) (first column blank); the bottom rows:
-    the posterior mean z = mu(x, y) of a test digit x (shown in the first column), that digit's
-    style redrawn as every digit."""
-    device = test_data.device
-    x = test_data[:rows]
-    z_prior = torch.randn((rows, net.latent_dim), device=device, generator=torch.Generator(device=device).manual_seed(0))
-    z_post, _ = net.encode(x, test_y[:rows])
-    z = torch.cat([z_prior, z_post])                                           # (2 rows, L)
-    labels = torch.arange(10, device=device).repeat(len(z))                    # 0..9 for each z
-    decoded = net.mean(net.decode(z.repeat_interleave(10, dim=0), labels)).view(len(z), 10, 1, 28, 28)
-    first = torch.cat([torch.zeros_like(x), x]).view(len(z), 1, 1, 28, 28)
-    save_image(torch.cat([first, decoded], 1).reshape(-1, 1, 28, 28).cpu(), path, nrow=11)
-
-
-@torch.no_grad()
-def save_manifold(net, path, n=20):
-    """The learned 2-D manifold (Kingma & Welling fig. 4): an n x n grid of points evenly
-    spaced on the unit square, mapped through the inverse Gaussian CDF, so each cell covers
-    the same prior mass of N(0, I), and decoded to their means."""
-    q = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
-    v = (math.sqrt(2) * torch.erfinv(2 * q - 1)).float()            # Phi^-1(q)
-    zy, zx = torch.meshgrid(-v, v, indexing="ij")                   # z_2 grows upwards in the picture
-    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1)
-    device = next(net.parameters()).device
-    save_image(net.mean(net.decode(z.to(device))).cpu(), path, nrow=n, padding=0)
-
-
-# Ten distinguishable colours (the "tab10" palette), one per digit class 0..9.
-PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-                        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
-
-
-@torch.no_grad()
-def save_latent_space(net, test_data, labels, path, size=280):
-    """Where the test digits land in a 2-D latent space, drawn without a plotting library:
-    each posterior mean mu(x) is a 3x3 dot in its class colour (PALETTE) on a white canvas.
-    The axes are Phi(z) in [0, 1], the coordinates of manifold.png, so both pictures align.
-    A strip of ten swatches under the canvas shows the colours of 0, 1, ..., 9 left to right."""
-    mu, _ = net.encode(test_data, labels if net.num_classes else None)
-    u = 0.5 * (1 + torch.erf(mu.cpu() / math.sqrt(2)))                # Phi(z) in (0, 1)
-    col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
-    row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
-    canvas = torch.ones(3, size + size // 10, size)
-    for dy in range(3):
-        for dx in range(3):
-            canvas[:, row + dy, col + dx] = PALETTE[labels.cpu()].T
-    for c in range(10):
-        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = PALETTE[c].view(3, 1, 1)
-    save_image(canvas, path)
-
-
-def save_pictures(net, test_x, test_y, args, device, prefix=""):
-    """Everything drawn at the end of a run (or by --eval-only), the networks in the precision
-    of training (bf16 with --amp), on the test digits that evaluate() scores."""
-    test_data = eval_data(test_x, args, device)
-    # A CVAE draws its style grid in place of the interpolation and the manifold, which would
-    # need one label for the whole picture.
-    names = ("reconstructions.png", "style.png" if net.num_classes else "interpolation.png")
-    paths = [os.path.join(args.out_dir, prefix + name) for name in names]
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-        save_reconstructions(net, test_data, test_y, paths[0])
-        if net.num_classes:
-            save_style(net, test_data, test_y, paths[1])
-        else:
-            save_interpolation(net, test_data, paths[1])
-        if args.latent_dim == 2 and not net.num_classes:
-            paths.append(os.path.join(args.out_dir, prefix + "manifold.png"))
-            save_manifold(net, paths[-1])
-            paths.append(os.path.join(args.out_dir, prefix + "latent_space.png"))
-            save_latent_space(net, test_data, test_y, paths[-1])
-    log("wrote " + ", ".join(paths))
-
-
-# ---------------------------------------------------------------------------------------
-# 7. Training
-# ---------------------------------------------------------------------------------------
+# ---------------- 6. Training, evaluation on the held-out test split, main() ----------------
 
 # What --resume takes from the checkpoint: the model, the data order, the objective, the optimizer.
 RESUMED_KEYS = MODEL_KEYS + ("seed", "batch_size", "lr", "beta")
@@ -587,33 +376,31 @@ RESUMED_KEYS = MODEL_KEYS + ("seed", "batch_size", "lr", "beta")
 def train(args):
     device = setup(args)
     ckpt = start_or_resume(args, "vae", RESUMED_KEYS)
-    if isinstance(args.sigma, float):  # older checkpoints stored a fixed sigma as a float
-        args.sigma = str(args.sigma)
     torch.manual_seed(args.seed)
     train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
-    train_data = torch.cat([train_x.flatten(1), train_y[:, None].to(torch.uint8)], 1)  # a row: 784 pixels, label
     steps_per_epoch, total_steps = run_length(args, len(train_x))
     make_out_dir(args.out_dir)  # only now: bad input leaves no folder behind
     net = build_model(vars(args)).to(device)
     # Adam (Kingma & Ba 2015) at 1e-3, as in the PyTorch example VAE.
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=fused_adam_ok(device))
-    step = restore(ckpt, device, model=net, optimizer=opt) if ckpt else 0
-    model_fn = make_model_fn(net, device, args.amp, args.compile)  # x, eps -> out, mu, logvar
+    step = first_step = restore(ckpt, device, model=net, optimizer=opt) if ckpt else 0
+    model_fn = make_model_fn(net, device, args.amp, args.compile)  # x, eps[, y] -> out, mu, log_var
     log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device))
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt_path, t_start = os.path.join(args.out_dir, "ckpt.pt"), time.perf_counter()
+    meter = Meter(step, total_steps, steps_per_epoch, args.batch_size, args.log_every, device)
 
     def save():  # no EMA of the weights (ckpt "ema" is None): see finish()
-        save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device, model=net, ema=None, optimizer=opt)
+        save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device,
+                        model=net, ema=None, optimizer=opt)
 
-    meter, t_start, first_step = Meter(step, total_steps, steps_per_epoch, args, device), time.perf_counter(), step
     net.train()
     try:
         while step < total_steps:
-            for batch in epoch_batches(train_data, step, steps_per_epoch, args):
-                x = to_model_data(batch[:, :784].view(-1, 28, 28), args.likelihood, args.binarize)  # a fresh
-                eps = torch.randn(x.shape[0], args.latent_dim, device=device)  # binarization first, then eps
-                recon, kl = elbo_terms(model_fn, net, x, eps, batch[:, 784].long() if args.conditional else None)
+            for images, labels in epoch_batches((train_x, train_y), step, steps_per_epoch, args.batch_size, args.seed):
+                x = likelihood_data(images, args.likelihood, args.binarize)    # a fresh binarization first,
+                eps = torch.randn(x.shape[0], args.latent_dim, device=device)  # then eps: z = mu + sigma * eps
+                recon, kl = elbo_terms(model_fn, net, x, eps, labels if args.class_cond else None)
                 loss = vae_loss(recon, kl, args.beta)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -629,7 +416,7 @@ def train(args):
                 epoch = step // steps_per_epoch
                 if (step % steps_per_epoch == 0 and epoch % args.sample_every == 0) or step >= total_steps:
                     path = os.path.join(args.out_dir, f"samples_epoch_{epoch:03d}.png")
-                    save_samples(net.eval(), path, args, device)
+                    save_grid(net.eval(), path, args.num_samples, args.seed, device, args.amp)
                     net.train()
                     log(f"wrote {path}")
                 save()  # each epoch, so an interruption loses at most one
@@ -637,115 +424,224 @@ def train(args):
         save()
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
-
     finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, time.perf_counter() - t_start)
 
 
-def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, wall):
-    """The end of a run: held-out metrics, the pictures, metrics.json and a summary line. No EMA
-    of the weights here: a VAE's samples do not need it, and the held-out bound is for the
-    weights that were trained."""
-    images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
-    train_loss = meter.last.get("loss", float("nan"))
-    net.eval()
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
-               "train_loss": train_loss, "train_images_per_sec": images_per_sec,
-               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec else math.nan,
-               "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
-    # Evaluation and pictures use the plain module, not the compiled one: their batch shapes vary
-    # (a compiled graph would recompile for each).
-    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, test_y, args, device))
-    save_pictures(net, test_x, test_y, args, device)
-    if args.score_samples:
-        metrics["score"] = score_prior_samples(net, args, device)
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
-    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
-    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(metrics)} "
-        f"| {images_per_sec:,.0f} train img/s ({metrics['seconds_per_epoch']:.2f} s/epoch) "
-        f"| peak memory {metrics['peak_memory_mb']:.0f} MB")
-
-
-def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
-    """The first log line: the model, the likelihood, the data and the run length."""
-    n_params = sum(p.numel() for p in net.parameters())
-    data = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
-        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
-    return (f"vae: {n_params / 1e6:.3f}M parameters ({args.arch}, latent {args.latent_dim}"
-            f"{', conditional on the label' if args.conditional else ''}), {args.likelihood}{data}, "
-            f"beta {args.beta} | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
-            f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
-            + (f" | at the end: {args.score_samples} prior samples scored" if args.score_samples else ""))
-
-
-# ---------------------------------------------------------------------------------------
-# 8. Evaluation on the held-out test split, and main()
-# ---------------------------------------------------------------------------------------
-
-def eval_data(test_x, args, device):
-    """The test digits as the likelihood's data, drawn once with a fixed generator, so the
-    ELBO, the IWAE bound and the pictures see the very same binary / dequantized images."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
-    return to_model_data(test_x, args.likelihood, args.binarize, generator=gen)
+def eval_data(test_x, likelihood, binarized, seed, device):
+    """The test digits as the likelihood's data, drawn once from a generator seeded seed + SEED_EVAL:
+    the bounds and the pictures see the very same binary / dequantized images. Returns the data and
+    that generator, which goes on to draw the bounds' samples."""
+    gen = torch.Generator(device=device).manual_seed(seed + SEED_EVAL)
+    return likelihood_data(test_x, likelihood, binarized, generator=gen), gen
 
 
 @torch.no_grad()
 def evaluate(model_fn, model, test_x, test_y, args, device):
-    """Held-out metrics in nats per image (beta = 1: the bound, whatever beta trained):
-    negative ELBO = reconstruction + KL over the whole test split, and the IWAE NLL estimate
-    -L_K on the first --iw-images digits with K = --iw-samples. Gaussian: also bits/dim.
-    model_fn: the forward pass x, eps[, y] -> out, mu, logvar; model: the VAE (likelihood,
-    encode, decode); test_x, test_y: the uint8 test images (N, 28, 28) and their labels.
-    A conditional VAE is given the true labels: its bounds are on -log p(x | y)."""
-    test_data = eval_data(test_x, args, device)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
-    batch = max(args.batch_size, 256)
+    """Held-out metrics in nats per image (beta = 1: the bound, whatever beta trained): negative
+    ELBO = reconstruction + KL over the whole test split, the IWAE NLL estimate -L_K on the first
+    --iw-images digits with K = --iw-samples; Gaussian: also bits/dim. test_x, test_y: uint8 images
+    (N, 28, 28), labels; a CVAE is given the true labels: its bounds are on -log p(x | y)."""
+    test_data, gen = eval_data(test_x, args.likelihood, args.binarize, args.seed, device)
+    batch, gaussian = max(args.batch_size, 256), args.likelihood == "gaussian"
 
     def labels(i, j):  # the labels of test digits i..j for a CVAE, else None
         return test_y[i:j] if model.num_classes else None
 
-    recon, kl = [], []
+    terms = []
     for i in range(0, len(test_data), batch):
         x = test_data[i:i + batch]
         eps = torch.randn((x.shape[0], model.latent_dim), device=device, generator=gen)
-        r, k = elbo_terms(model_fn, model, x, eps, labels(i, i + batch))
-        recon.append(r)
-        kl.append(k)
-    recon, kl = torch.cat(recon), torch.cat(kl)
+        terms.append(elbo_terms(model_fn, model, x, eps, labels(i, i + batch)))
+    recon, kl = (torch.cat(t) for t in zip(*terms))  # (N,) each
     neg_elbo = recon + kl
     # The mean is the number that bounds the NLL of the test set. The median is also kept: a
     # learned per-pixel sigma can be overconfident on a few test digits (ink where the training
     # digits never had any), whose huge per-image cost then dominates the mean.
     m = {"test_neg_elbo": neg_elbo.mean().item(), "test_recon": recon.mean().item(), "test_kl": kl.mean().item(),
          "test_neg_elbo_median": neg_elbo.median().item(), "test_images": len(test_data),
-         "bound_of": "-log p(x | y), true labels" if model.num_classes else "-log p(x)"}
-    gaussian = args.likelihood == "gaussian"
+         "bound_of": "-log p(x | y), true labels" if model.num_classes else "-log p(x)",
+         "data": "uniformly dequantized MNIST x = (k + u)/256 in [0, 1] (test: fixed u)" if gaussian else
+                 "dynamically binarized MNIST (test binarized once, fixed seed)" if args.binarize else
+                 "grey-level MNIST with a Bernoulli decoder: nats are a cross-entropy, not a NLL"}
     if gaussian:
         m["test_bpd"] = bits_per_dim_dequantized(m["test_neg_elbo"])
-    m["data"] = ("dynamically binarized MNIST (test binarized once, fixed seed)" if args.likelihood == "bernoulli"
-                 and args.binarize else "uniformly dequantized MNIST x = (k + u)/256 in [0, 1] (test: fixed u)"
-                 if gaussian else "grey-level MNIST with a Bernoulli decoder: nats are a cross-entropy, not a NLL")
-
-    n = min(args.iw_images, len(test_data))
-    if args.iw_samples > 0 and n > 0:
-        K = args.iw_samples
-        log(f"IWAE: {n} test images x K = {K} samples = {n * K:,} decoder calls "
-            f"(--iw-images, --iw-samples set how many)")
+    n, K = min(args.iw_images, len(test_data)), args.iw_samples
+    if K > 0 and n > 0:
+        log(f"IWAE: {n} test images x K = {K} samples = {n * K:,} decoder calls (--iw-images, --iw-samples)")
         t0 = time.perf_counter()
-        group = 16  # images per IWAE call; each call draws K samples in chunks of ~4096 rows
 
-        def bound(i, j):  # iwae_bound of test digits i..j: encode x -> mu, logvar; log p(x | z) from z
-            y = labels(i, j)  # the K samples of z are stacked sample-major, so row r has label y[r % B]
-            return iwae_bound(lambda x: model.encode(x, y),
-                              lambda x, z: model.log_likelihood(x, model.decode(z, None if y is None else y.repeat(len(z) // len(y)))),
+        def bound(i, j):  # L_K of test digits i..j; a CVAE's K samples are stacked: row r has label y[r % B]
+            y = labels(i, j)
+            decode = model.decode if y is None else lambda z: model.decode(z, y.repeat(len(z) // len(y)))
+            return iwae_bound(lambda x: model.encode(x, y), lambda x, z: model.log_likelihood(x, decode(z)),
                               test_data[i:j], K, generator=gen)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # the networks as model_fn runs them
-            bounds = torch.cat([bound(i, min(i + group, n)) for i in range(0, n, group)])
+            bounds = torch.cat([bound(i, min(i + 16, n)) for i in range(0, n, 16)])  # 16 images per call
         m.update({"test_iwae_nll": -bounds.mean().item(), "test_iwae_k": K, "test_iwae_images": n,
                   "test_neg_elbo_iwae_images": neg_elbo[:n].mean().item()})
         if gaussian:
-            m["test_iwae_bpd"] = bits_per_dim_dequantized(m["test_iwae_nll"])
+            m["test_bpd_iwae"] = bits_per_dim_dequantized(m["test_iwae_nll"])
         log(f"IWAE: {m['test_iwae_nll']:.2f} nats (negative ELBO on the same {n} images "
             f"{m['test_neg_elbo_iwae_images']:.2f}) in {time.perf_counter() - t0:.1f}s")
+    return m
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    eval_only(args) if args.eval_only else train(args)
+
+
+# ===================== Extensions: the pictures beyond the sample grid ======================
+
+def save_pictures(net, test_x, test_y, args, device, prefix=""):
+    """Everything drawn at the end of a run (or by --eval-only), the networks in the precision of
+    training (bf16 with --amp), on the test digits that evaluate() scores. A CVAE draws its style
+    grid in place of the interpolation and the manifold, which would need one label per picture."""
+    test_data, _ = eval_data(test_x, args.likelihood, args.binarize, args.seed, device)
+    names = ["reconstructions.png", "style.png" if net.num_classes else "interpolation.png"]
+    names += ["manifold.png", "latent_space.png"] if args.latent_dim == 2 and not net.num_classes else []
+    paths = [os.path.join(args.out_dir, prefix + name) for name in names]
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        save_reconstructions(net, test_data, test_y, paths[0])
+        if net.num_classes:
+            save_style(net, test_data, test_y, paths[1], args.seed)
+        else:
+            save_interpolation(net, test_data, paths[1])
+        if len(paths) > 2:
+            save_manifold(net, paths[2])
+            save_latent_space(net, test_data, test_y, paths[3])
+    log("wrote " + ", ".join(paths))
+
+
+@torch.no_grad()
+def save_reconstructions(net, test_data, test_y, path, n=16):
+    """Two rows per block: test inputs (as the model sees them: binarized for Bernoulli) over
+    the decoder means at the posterior means z = mu(x) (a CVAE: mu(x, y), decoded with y)."""
+    x, y = test_data[:2 * n], test_y[:2 * n] if net.num_classes else None
+    recon = net.mean(net.decode(net.encode(x, y)[0], y))
+    save_image(torch.cat([x[:n], recon[:n], x[n:], recon[n:]]).cpu(), path, nrow=n)
+
+
+@torch.no_grad()
+def save_interpolation(net, test_data, path, pairs=8, steps=10):
+    """Each row walks in a straight line between the posterior means of two test digits,
+    z = (1 - a) mu(x1) + a mu(x2), a = 0 .. 1, and shows the decoder means."""
+    mu, _ = net.encode(test_data[:2 * pairs])
+    a = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
+    z = (1 - a) * mu[:pairs, None] + a * mu[pairs:, None]           # (pairs, steps, L)
+    save_image(net.mean(net.decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
+
+
+@torch.no_grad()
+def save_style(net, test_data, test_y, path, seed, rows=4):
+    """A CVAE: what z holds once the label is given. Each row decodes one z with each label 0..9
+    (columns 2 to 11). The top rows: z ~ N(0, I) (first column blank); the bottom rows: the
+    posterior mean z = mu(x, y) of a test digit x (first column), its style redrawn as every digit."""
+    device, x = test_data.device, test_data[:rows]
+    gen = torch.Generator(device=device).manual_seed(seed + SEED_GRID)
+    z = torch.cat([torch.randn((rows, net.latent_dim), device=device, generator=gen),
+                   net.encode(x, test_y[:rows])[0]])                           # (2 rows, L)
+    labels = torch.arange(10, device=device).repeat(len(z))                    # 0..9 for each z
+    decoded = net.mean(net.decode(z.repeat_interleave(10, dim=0), labels)).view(len(z), 10, 1, 28, 28)
+    first = torch.cat([torch.zeros_like(x), x]).view(len(z), 1, 1, 28, 28)
+    save_image(torch.cat([first, decoded], 1).reshape(-1, 1, 28, 28).cpu(), path, nrow=11)
+
+
+@torch.no_grad()
+def save_manifold(net, path, n=20):
+    """The learned 2-D manifold (Kingma & Welling fig. 4): an n x n grid evenly spaced on the unit
+    square, mapped through the inverse Gaussian CDF (each cell covers the same prior mass of
+    N(0, I)), decoded to their means."""
+    q = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
+    v = (math.sqrt(2) * torch.erfinv(2 * q - 1)).float()            # Phi^-1(q)
+    zy, zx = torch.meshgrid(-v, v, indexing="ij")                   # z_2 grows upwards in the picture
+    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1).to(next(net.parameters()).device)
+    save_image(net.mean(net.decode(z)).cpu(), path, nrow=n, padding=0)
+
+
+# Ten distinguishable colours (the "tab10" palette), one per digit class 0..9.
+PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
+
+
+@torch.no_grad()
+def save_latent_space(net, test_data, labels, path, size=280):
+    """Where the test digits land in a 2-D latent space, drawn without a plotting library: each
+    posterior mean mu(x) is a 3x3 dot in its class colour on a white canvas, the axes Phi(z) in
+    [0, 1] as in manifold.png; a strip of ten swatches below shows the colours of 0, 1, ..., 9."""
+    u = 0.5 * (1 + torch.erf(net.encode(test_data)[0].cpu() / math.sqrt(2)))  # Phi(z) in (0, 1)
+    col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
+    row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
+    canvas = torch.ones(3, size + size // 10, size)
+    for dy in range(3):
+        for dx in range(3):
+            canvas[:, row + dy, col + dx] = PALETTE[labels.cpu()].T
+    for c in range(10):
+        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = PALETTE[c].view(3, 1, 1)
+    save_image(canvas, path)
+
+
+# =============================== Run plumbing of this script ================================
+
+def check_args(args):
+    """Each likelihood has its own knob (one given to the other would be silently ignored); and
+    --score-samples needs score.py and its classifier, checked before a long run, not after it."""
+    if args.likelihood == "bernoulli":
+        if args.sigma is not None:
+            fail("--sigma applies to --likelihood gaussian")
+        args.binarize = True if args.binarize is None else args.binarize
+    else:
+        if args.binarize is not None:
+            fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
+        args.binarize, args.sigma = False, "learned" if args.sigma is None else args.sigma
+        if args.sigma != "learned":  # kept as the text given: one type, str, in args and checkpoints
+            try:
+                positive_float(args.sigma)
+            except argparse.ArgumentTypeError:
+                fail(f"--sigma: expected 'learned' or a positive number, got {args.sigma!r}")
+    if args.score_samples:
+        try:
+            import score
+        except ImportError:
+            fail("--score-samples needs score.py, this project's sample scorer, beside this script")
+        score.check_classifier(args.classifier, args.data_dir)
+
+
+def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
+    """The first log line: the model, the likelihood, the data and the run length."""
+    data = f" (sigma {args.sigma})" if args.likelihood == "gaussian" else (
+        " (binarized)" if args.binarize else " on grey levels: a cross-entropy, not a likelihood")
+    return (f"vae: {sum(p.numel() for p in net.parameters()) / 1e6:.3f}M parameters ({args.arch}, latent "
+            f"{args.latent_dim}{', conditional on the label' if args.class_cond else ''}), {args.likelihood}{data}, "
+            f"beta {args.beta} | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, "
+            f"{total_steps} steps | device {device.type}, compile={args.compile}, amp={args.amp}"
+            + (f" | at the end: {args.score_samples} prior samples scored" if args.score_samples else ""))
+
+
+def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, wall):
+    """The end of a run: held-out metrics, pictures, metrics.json, a summary line. No EMA of the
+    weights: a VAE's samples do not need it, and the bound is for the weights that were trained."""
+    images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
+    train_loss = meter.last.get("loss", float("nan"))
+    net.eval()
+    m = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+         "train_loss": train_loss, "train_images_per_sec": images_per_sec,
+         "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec else math.nan,
+         "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters()),
+         **held_out(net, test_x, test_y, args, device), "peak_memory_mb": peak_memory_mb(device)}
+    write_json(m, os.path.join(args.out_dir, "metrics.json"))
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(m)} "
+        f"| {images_per_sec:,.0f} train img/s ({m['seconds_per_epoch']:.2f} s/epoch) "
+        f"| peak memory {m['peak_memory_mb']:.0f} MB")
+
+
+def held_out(net, test_x, test_y, args, device, prefix=""):
+    """evaluate(), the pictures, and with --score-samples the score: the end of a run and --eval-only.
+    The plain module, not a compiled one: the batch shapes vary (a compiled graph would recompile)."""
+    m = evaluate(make_model_fn(net, device, args.amp), net, test_x, test_y, args, device)
+    save_pictures(net, test_x, test_y, args, device, prefix)
+    if args.score_samples:
+        m["score"] = score_run(net, args, device)
     return m
 
 
@@ -757,11 +653,9 @@ def summary(m):
         s += f" | IWAE NLL {m['test_iwae_nll']:.2f} nats (K={m['test_iwae_k']}, {m['test_iwae_images']} images)"
     if "test_bpd" in m:
         s += f" | {m['test_bpd']:.3f} bits/dim (ELBO)"
-    if "test_iwae_bpd" in m:
-        s += f", {m['test_iwae_bpd']:.3f} (IWAE)"
-    if "fd" in m.get("score", {}):
-        s += f" | FD {m['score']['fd']:.2f} ({m['score']['n']} samples)"
-    return s
+    if "test_bpd_iwae" in m:
+        s += f", {m['test_bpd_iwae']:.3f} (IWAE)"
+    return s + (f" | FD {m['score']['fd']:.2f} ({m['score']['n']} samples)" if "fd" in m.get("score", {}) else "")
 
 
 def eval_only(args):
@@ -775,32 +669,49 @@ def eval_only(args):
     net.load_state_dict(ckpt["model"])
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']})")
-    metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
-    metrics.update(evaluate(make_model_fn(net, device, args.amp), net, test_x, test_y, args, device))
-    save_samples(net, os.path.join(args.out_dir, "eval_samples.png"), args, device)
-    save_pictures(net, test_x, test_y, args, device, prefix="eval_")
-    if args.score_samples:
-        metrics["score"] = score_prior_samples(net, args, device)
-    log(summary(metrics))
-    write_json(metrics, os.path.join(args.out_dir, "eval.json"))
+    save_grid(net, os.path.join(args.out_dir, "eval_samples.png"), args.num_samples, args.seed, device, args.amp)
+    m = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device),
+         **held_out(net, test_x, test_y, args, device, prefix="eval_")}
+    log(summary(m))
+    write_json(m, os.path.join(args.out_dir, "eval.json"))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.eval_only:
-        eval_only(args)
-    else:
-        train(args)
+@torch.no_grad()
+def save_grid(net, path, n, seed, device, amp):
+    """Decoder means of n prior samples z ~ N(0, I), the same z every call (a generator seeded
+    seed + SEED_GRID), so the grids of successive epochs show the same latent points. A CVAE:
+    one row per digit 0..9, n // 10 samples each."""
+    gen = torch.Generator(device=device).manual_seed(seed + SEED_GRID)
+    nrow, y = int(math.ceil(math.sqrt(n))), None
+    if net.num_classes:
+        nrow = max(1, n // 10)
+        n, y = 10 * nrow, torch.arange(10, device=device).repeat_interleave(nrow)
+    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        images = net.sample(n, gen, y)
+    save_image(images.cpu(), path, nrow=nrow)
 
 
-# =======================================================================================
-# Appendix: plumbing. Nothing below this line is about the model.
-# =======================================================================================
-# The same helpers, in the same order, close every training script of this project: the
-# command line, device and precision, data, random state and checkpoints, the log.
+def score_run(net, args, device):
+    """--score-samples N: the decoder means of N prior draws z ~ N(0, I), as in the grids, scored
+    by score.py. A CVAE: the ten digits equally often, and the classifier's accuracy on them."""
+    import score  # here only: vae.py runs without score.py unless --score-samples asks for it
+
+    def draw(n, gen, y=None):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            return net.sample(n, gen, None if y is None else y.to(device))
+    labels = torch.arange(args.score_samples) % 10 if net.num_classes else None
+    return score.draw_and_score(draw, args.score_samples, device, "decoder means of z ~ N(0, I), one decoder pass each",
+                                args.classifier, args.data_dir, args.seed, labels=labels)
 
 
-CKPT_VERSION = 1
+# ==================================== appendix: plumbing ====================================
+# Nothing below this line is about the model. The same block, byte for byte, closes every
+# script that trains (a test compares them), so a learner reads it once and a copied file runs
+# alone: the command line, the device, MNIST and its batches, random state and checkpoints,
+# the model wrapper, the log.
+
+CKPT_VERSION = 2  # 2: one name, class_cond, for conditioning in every script
+SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed + these: grids, evaluation, scoring
 
 
 def parse_args(argv=None):
@@ -810,20 +721,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
-
-
-def check_args(args):
-    """Each likelihood has its own knob; one given to the other would be silently ignored."""
-    if args.likelihood == "bernoulli":
-        if args.sigma is not None:
-            fail("--sigma applies to --likelihood gaussian")
-        args.binarize = True if args.binarize is None else args.binarize
-    else:
-        if args.binarize is not None:
-            fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
-        args.binarize = False
-        args.sigma = "learned" if args.sigma is None else args.sigma
-    check_classifier(args)
 
 
 def number_at_least(convert, minimum, strict=False):
@@ -843,17 +740,6 @@ def number_at_least(convert, minimum, strict=False):
 positive_int = number_at_least(int, 1)
 nonneg_int = number_at_least(int, 0)
 positive_float = number_at_least(float, 0, strict=True)
-
-
-def sigma_value(text):
-    """--sigma: 'learned', or a fixed positive standard deviation, kept as the text given
-    (one type, str, in args and in checkpoints; the VAE converts it with float())."""
-    if text != "learned":
-        try:
-            positive_float(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"expected 'learned' or a positive number, got {text!r}")
-    return text
 
 
 def make_out_dir(path):
@@ -912,8 +798,8 @@ def peak_memory_mb(device):
 
 def save_image(images, path, **grid_options):
     """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
-    `import torchvision` is half of a script's start-up (3.5 of 7 s on a 2-core CPU), which
-    --help and a bad flag need not pay."""
+    `import torchvision` is half of a script's start-up on a small CPU, which --help and a bad
+    flag need not pay."""
     from torchvision.utils import save_image as write_png
     write_png(images, path, **grid_options)
 
@@ -921,9 +807,13 @@ def save_image(images, path, **grid_options):
 def load_mnist(data_dir, train, device):
     """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
     import torchvision  # here, not at the top: see save_image
+    existed = os.path.exists(data_dir)
     try:
         ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        if not existed:  # and no empty folder left behind by the failed download
+            import shutil
+            shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
              f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in "
              f"{os.path.join(data_dir, 'MNIST', 'raw')}/ or point --data-dir at a folder that has them")
@@ -931,20 +821,23 @@ def load_mnist(data_dir, train, device):
 
 
 def run_length(args, n_train):
-    """(steps per epoch, total steps). Full batches only, so step -> (epoch, batch) is exact."""
+    """(steps per epoch, total steps). Full batches only: every step has the same shape, and
+    step -> (epoch, batch) is exact."""
     steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
     return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
 
-def epoch_batches(images, step, steps_per_epoch, args):
-    """The rest of the epoch that `step` is in, as uint8 batches, in an order seeded by (seed,
-    epoch): a resumed run sees exactly the batches of an uninterrupted one."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + step // steps_per_epoch)
-    perm = torch.randperm(len(images), generator=g).to(images.device)
+def epoch_batches(tensors, step, steps_per_epoch, batch_size, seed):
+    """The rest of the epoch that `step` is in: for each batch, the same rows of every tensor
+    (images, labels), in an order seeded by (seed, epoch): a resumed run sees exactly the
+    batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step // steps_per_epoch)
+    perm = torch.randperm(len(tensors[0]), generator=g).to(tensors[0].device)
     for i in range(step % steps_per_epoch, steps_per_epoch):  # index_select: ~7x faster than [] on CPU
-        yield images.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size])
+        rows = perm[i * batch_size:(i + 1) * batch_size]
+        yield tuple(x.index_select(0, rows) for x in tensors)
 
 
 def rng_state(device):
@@ -994,7 +887,7 @@ def save_checkpoint(path, kind, args, step, epoch, device, **objects):
 
 
 def load_checkpoint(path, kind):
-    """A checkpoint of this kind, loaded as data (weights_only=True: no code in it runs)."""
+    """A checkpoint of this kind and format, loaded as data (weights_only=True: no code in it runs)."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     try:
@@ -1003,8 +896,9 @@ def load_checkpoint(path, kind):
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         fail(f"{path} is not a {kind} checkpoint (kind: {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
-    if ckpt.get("version", 0) > CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    if ckpt.get("version", 0) != CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt.get('version', 0)}; this script reads format {CKPT_VERSION}: "
+             f"retrain, or use the version of this project that wrote it")
     return ckpt
 
 
@@ -1012,14 +906,13 @@ class Meter:
     """The log line. Per-image losses are summed on the device and read once per line (a sync
     every step would stall a GPU): each figure is a mean since the last line, per group if
     asked. images/s leaves out the first interval (compile, warm-up) and time in paused().
-    note: images/s -> an extra figure for the line (ddpm.py: MFU on a GPU), or None."""
+    note: images/s -> an extra text for the line (MFU on a GPU, time left), or None."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None, note=None):
-        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
-        self.device, self.sums, self.last, self.first = device, {}, {}, True
+    def __init__(self, step, total_steps, steps_per_epoch, batch_size, log_every, device, note=None):
+        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, batch_size, log_every
+        self.device, self.sums, self.last, self.first, self.note = device, {}, {}, True, note
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
         self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
-        self.budget_s, self.note = budget_s, note  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -1044,11 +937,8 @@ class Meter:
             self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
         speed, self.first = images / max(now - self.t_log, 1e-9), False
         figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
-        eta = (self.total - step) * self.batch / speed
-        if self.budget_s is not None:
-            eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {eta / 60:.1f} min")
+            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
@@ -1072,60 +962,16 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def check_classifier(args):
-    """--score-samples needs score.py beside this script and a trained digit classifier:
-    checked before anything runs, so a long run cannot end without the score it was asked for."""
-    if not args.score_samples:
-        return
-    try:
-        import score  # noqa: F401 (only with --score-samples: each script runs without score.py)
-    except ImportError:
-        fail("--score-samples needs score.py, this project's sample scorer, beside this script")
-    if not os.path.isfile(args.classifier):
-        fail(f"--score-samples needs a digit classifier at {args.classifier}: train one with `python score.py "
-             f"--train-classifier --data-dir {args.data_dir}` (about a minute on 2 CPU cores) or pass --classifier")
-
-
-@torch.no_grad()
-def draw_and_score(args, draw, device, cost, labels=None):
-    """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
-    batches of 256 from a fixed generator, and score them with score.py against as many real
-    test digits. Announces the cost, then the time to go after the first batch. With labels
-    (N intended classes) draw(n, generator, labels of the batch), and the score has the
-    classifier's accuracy on them."""
-    import score
-    n, batch = args.score_samples, 256
-    log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
-    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
-    t0, parts = time.perf_counter(), []
-    for i in range(0, n, batch):
-        images = draw(min(batch, n - i), gen) if labels is None else draw(min(batch, n - i), gen, labels[i:i + batch])
-        parts.append(images.float().clamp(0, 1).cpu())
-        if i == 0 and n > batch:
-            spent = time.perf_counter() - t0
-            log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
-    seconds, x = time.perf_counter() - t0, torch.cat(parts)
-    problem = score.sample_problem(x)
-    if problem:  # a diverged model: say so, keep the rest of the metrics
-        log(f"score: not scored: {problem}")
-        return {"n": n, "error": problem}
-    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed, labels=labels),
-              "sampling": cost, "sample_seconds": seconds}
-    log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
-        f"{result['recall']:.3f}" + (f" | accuracy on the labels {result['accuracy']:.3f}" if labels is not None else "")
-        + f" | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
-    return result
-
-
 def fail(message):
     """Stop with one clear line on stderr: bad input is not a traceback."""
     print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def log(msg):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun (ddpm.py), rank 0 speaks for all
-        print(msg, flush=True)
+def log(message):
+    print(message, flush=True)
+
+# ================================== end of the appendix ==================================
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ closed forms), shapes, a short training run, and the command line in a subproces
 import json
 import math
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -18,15 +20,15 @@ import vae
 def test_kl_closed_form_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(16, 7, generator=g, dtype=torch.float64) * 2
-    logvar = torch.randn(16, 7, generator=g, dtype=torch.float64) * 1.5
+    log_var = torch.randn(16, 7, generator=g, dtype=torch.float64) * 1.5
     zeros = torch.zeros_like(mu)
     # the ELBO's KL to the prior N(0, I), summed over the latent dims
-    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=1)
-    torch.testing.assert_close(vae.normal_kl(mu, logvar, zeros, zeros).sum(dim=1), expected)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * log_var)), Normal(0.0, 1.0)).sum(dim=1)
+    torch.testing.assert_close(vae.normal_kl(mu, log_var, zeros, zeros).sum(dim=1), expected)
     # and between two arbitrary diagonal Gaussians, elementwise
-    mu2, logvar2 = mu.flip(0), logvar.flip(1)
-    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(mu2, torch.exp(0.5 * logvar2)))
-    torch.testing.assert_close(vae.normal_kl(mu, logvar, mu2, logvar2), expected)
+    mu2, log_var2 = mu.flip(0), log_var.flip(1)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * log_var)), Normal(mu2, torch.exp(0.5 * log_var2)))
+    torch.testing.assert_close(vae.normal_kl(mu, log_var, mu2, log_var2), expected)
     # zero exactly at the prior
     z = torch.zeros(1, 3)
     assert vae.normal_kl(z, z, z, z).abs().max().item() < 1e-7
@@ -36,13 +38,13 @@ def test_gaussian_log_density_matches_normal():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 1, 28, 28, generator=g, dtype=torch.float64)
     mean = torch.rand(4, 1, 28, 28, generator=g, dtype=torch.float64)
-    log_sigma = torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64) - 2
-    expected = Normal(mean, torch.exp(log_sigma)).log_prob(x)
-    torch.testing.assert_close(vae.gaussian_log_density(x, mean, log_sigma), expected)
+    log_std = torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64) - 2
+    expected = Normal(mean, torch.exp(log_std)).log_prob(x)
+    torch.testing.assert_close(vae.gaussian_log_density(x, mean, log_std), expected)
     # the diagonal-Gaussian density used by the IWAE weights
-    z, mu, logvar = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
-    expected = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(dim=-1)
-    torch.testing.assert_close(vae.log_normal_diag(z, mu, logvar), expected)
+    z, mu, log_var = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = Normal(mu, torch.exp(0.5 * log_var)).log_prob(z).sum(dim=-1)
+    torch.testing.assert_close(vae.log_normal_diag(z, mu, log_var), expected)
 
 
 @pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", "0.1"), ("gaussian", "learned")])
@@ -56,7 +58,7 @@ def test_model_log_likelihood_matches_torch_distributions(likelihood, sigma):
     else:
         x = torch.rand(6, 1, 28, 28)
         if sigma == "learned":
-            scale = torch.exp(torch.nn.functional.softplus(out[:, 1:] - vae.LOG_SIGMA_MIN) + vae.LOG_SIGMA_MIN)
+            scale = torch.exp(torch.nn.functional.softplus(out[:, 1:] - vae.LOG_STD_MIN) + vae.LOG_STD_MIN)
         else:
             scale = torch.full_like(x, 0.1)
         expected = Normal(torch.sigmoid(out[:, :1]), scale).log_prob(x).sum(dim=(1, 2, 3))
@@ -93,13 +95,13 @@ def test_reparameterized_sample_has_right_mean_and_variance():
     g = torch.Generator().manual_seed(3)
     n = 200_000
     mu = torch.tensor([1.5, -2.0, 0.0])
-    logvar = torch.tensor([0.0, math.log(0.25), math.log(4.0)])
-    z = vae.reparameterize(mu, logvar, torch.randn(n, 3, generator=g))
+    log_var = torch.tensor([0.0, math.log(0.25), math.log(4.0)])
+    z = vae.reparameterize(mu, log_var, torch.randn(n, 3, generator=g))
     torch.testing.assert_close(z.mean(0), mu, atol=0.02, rtol=0)
-    torch.testing.assert_close(z.var(0), torch.exp(logvar), atol=0, rtol=0.02)
+    torch.testing.assert_close(z.var(0), torch.exp(log_var), atol=0, rtol=0.02)
     # gradients reach the encoder's outputs through the sample
     mu_ = mu.clone().requires_grad_()
-    vae.reparameterize(mu_, logvar, torch.randn(10, 3, generator=g)).sum().backward()
+    vae.reparameterize(mu_, log_var, torch.randn(10, 3, generator=g)).sum().backward()
     assert torch.equal(mu_.grad, torch.full((3,), 10.0))
 
 
@@ -132,8 +134,8 @@ def ppca(seed=0, D=6, L=2, s=0.5):
 
     def posterior(x, shift=0.0, var_scale=1.0):
         mu = (x - b) @ W / M_diag + shift
-        logvar = torch.log(s ** 2 / M_diag * var_scale).expand_as(mu)
-        return mu, logvar
+        log_var = torch.log(s ** 2 / M_diag * var_scale).expand_as(mu)
+        return mu, log_var
 
     return x, true, log_lik, posterior
 
@@ -170,34 +172,45 @@ def test_iwae_approaches_log_px_from_below_as_k_grows():
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("likelihood,sigma", [("bernoulli", "learned"), ("gaussian", "0.2"), ("gaussian", "learned")])
 def test_shapes(arch, likelihood, sigma):
-    cfg = dict(arch=arch, latent_dim=5, hidden_dim=32, channels=4, likelihood=likelihood, sigma=sigma)
+    cfg = dict(arch=arch, latent_dim=5, hidden_dim=32, channels=4, likelihood=likelihood, sigma=sigma, class_cond=False)
     net = vae.build_model(cfg)
     x = torch.rand(3, 1, 28, 28)
-    mu, logvar = net.encode(x)
-    assert mu.shape == logvar.shape == (3, 5)
+    mu, log_var = net.encode(x)
+    assert mu.shape == log_var.shape == (3, 5)
     out = net.decode(mu)
     assert out.shape == (3, 2 if sigma == "learned" and likelihood == "gaussian" else 1, 28, 28)
     assert net.log_likelihood(x, out).shape == (3,)
     m = net.mean(out)
     assert m.shape == (3, 1, 28, 28) and 0 <= m.min() and m.max() <= 1
     eps = torch.randn(3, 5)
-    out, mu, logvar = net(x, eps)  # the forward pass: encode, z = mu + sigma eps, decode
-    assert out.shape == net.decode(mu).shape and mu.shape == logvar.shape == (3, 5)
+    out, mu, log_var = net(x, eps)  # the forward pass: encode, z = mu + sigma eps, decode
+    assert out.shape == net.decode(mu).shape and mu.shape == log_var.shape == (3, 5)
     recon, kl = vae.elbo_terms(net, net, x, eps)
     assert recon.shape == kl.shape == (3,) and (kl >= 0).all()
     model_fn = vae.make_model_fn(net, torch.device("cpu"), amp=False)
     torch.testing.assert_close(vae.elbo_terms(model_fn, net, x, eps), (recon, kl))
+    samples = net.sample(4, torch.Generator().manual_seed(0))  # z ~ N(0, I), decoded to E[x | z]
+    assert samples.shape == (4, 1, 28, 28) and 0 <= samples.min() and samples.max() <= 1
 
 
 def test_data_scaling():
-    k = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    k = torch.tensor([[[0, 51, 255]]], dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
-    xb = vae.to_model_data(k.expand(1000, 1, 2), "bernoulli", True, g)
-    assert set(xb.unique().tolist()) <= {0.0, 1.0} and xb[:, 0, 0, 0].sum() == 0 and xb[:, 0, 0, 1].sum() == 1000
-    assert torch.equal(vae.to_model_data(k, "bernoulli", False), torch.tensor([[[[0.0, 1.0]]]]))
-    xg = vae.to_model_data(k.expand(1000, 1, 2), "gaussian", False, g)
+    # the range: grey levels k / 255, a channel axis added
+    assert torch.equal(vae.to_model_range(k), torch.tensor([[[[0.0, 0.2, 1.0]]]]))
+    # binarization: 0 and 1 stay, level 51 becomes 1 with probability 0.2
+    xb = vae.binarize(vae.to_model_range(k.expand(4000, 1, 3)), g)
+    assert set(xb.unique().tolist()) <= {0.0, 1.0} and xb[:, 0, 0, 0].sum() == 0 and xb[:, 0, 0, 2].sum() == 4000
+    assert xb[:, 0, 0, 1].mean().item() == pytest.approx(0.2, abs=0.02)
+    # dequantization: level k lands uniformly in its bin [k/256, (k+1)/256)
+    xg = vae.dequantize(k.expand(4000, 1, 3), g)
     assert 0 <= xg[..., 0].min() and xg[..., 0].max() < 1 / 256          # bin of level 0
-    assert 255 / 256 <= xg[..., 1].min() and xg[..., 1].max() < 1        # bin of level 255
+    assert 255 / 256 <= xg[..., 2].min() and xg[..., 2].max() < 1        # bin of level 255
+    assert (xg[..., 1] * 256 - 51).mean().item() == pytest.approx(0.5, abs=0.02)  # u ~ U[0, 1): mean 1/2
+    # each likelihood gets its own data
+    assert set(vae.likelihood_data(k, "bernoulli", True, g).unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(vae.likelihood_data(k, "bernoulli", False), vae.to_model_range(k))
+    assert (vae.likelihood_data(k, "gaussian", False, g) * 256).floor().equal(k.unsqueeze(1).float())
 
 
 @pytest.mark.parametrize("arch,likelihood", [("mlp", "bernoulli"), ("cnn", "gaussian")])
@@ -208,7 +221,7 @@ def test_a_few_steps_lower_the_loss(fake_mnist, arch, likelihood):
     model_fn = vae.make_model_fn(net, torch.device("cpu"), amp=False)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(1)
-    x_eval = vae.to_model_data(images[:64], likelihood, True, g)
+    x_eval = vae.likelihood_data(images[:64], likelihood, True, g)
     eps_eval = torch.randn(64, 8, generator=g)
 
     def held_loss():
@@ -217,7 +230,7 @@ def test_a_few_steps_lower_the_loss(fake_mnist, arch, likelihood):
 
     before = held_loss()
     for i in range(40):
-        x = vae.to_model_data(images[(i % 4) * 64:(i % 4 + 1) * 64], likelihood, True)
+        x = vae.likelihood_data(images[(i % 4) * 64:(i % 4 + 1) * 64], likelihood, True)
         loss = vae.vae_loss(*vae.elbo_terms(model_fn, net, x, torch.randn(64, 8)), 1.0)
         opt.zero_grad()
         loss.backward()
@@ -322,29 +335,44 @@ def test_foreign_checkpoint_is_refused_and_good_one_kept(fake_mnist, run_script,
     torch.save({"kind": "vae", "version": vae.CKPT_VERSION + 1}, foreign / "ckpt.pt")
     with pytest.raises(SystemExit):
         vae.main(["--data-dir", fake_mnist, "--out-dir", str(foreign), "--eval-only"])
-    assert "newer" in one_error_line(capsys.readouterr().err)
+    assert f"format {vae.CKPT_VERSION + 1}" in one_error_line(capsys.readouterr().err)
 
 
-def test_sigma_is_text_and_old_float_checkpoints_still_load(fake_mnist, tmp_path, capsys):
+def test_old_format_checkpoint_is_refused_with_one_line(fake_mnist, tmp_path, capsys):
+    # format 1, as vae.py wrote it before the vocabulary was shared: `conditional`, not `class_cond`,
+    # and the weights under other names. Refused, for --resume and --eval-only, and left as it was.
+    out = tmp_path / "v1"
+    out.mkdir()
+    config = dict(arch="mlp", latent_dim=2, hidden_dim=32, channels=32, likelihood="bernoulli", sigma=None,
+                  binarize=True, conditional=False, seed=0, batch_size=32, lr=1e-3, beta=1.0)
+    torch.save({"kind": "vae", "version": 1, "config": config, "step": 2, "epoch": 0,
+                "model": {"encoder.net.1.weight": torch.zeros(32, 784)}}, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    for flag in ("--resume", "--eval-only"):
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), flag, *TINY])
+        line = one_error_line(capsys.readouterr().err)
+        assert e.value.code == 2 and "checkpoint format 1" in line and "retrain" in line, line
+    assert (out / "ckpt.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
+
+
+def test_sigma_is_kept_as_text_and_checked(fake_mnist, tmp_path, capsys):
     args = vae.parse_args(["--likelihood", "gaussian", "--sigma", "0.1"])
     assert args.sigma == "0.1"  # one type in args and in the checkpoint's config: the text given
     assert vae.parse_args(["--likelihood", "gaussian"]).sigma == "learned"
     assert vae.build_model(vars(args)).fixed_sigma == 0.1
-    # a checkpoint written before --sigma was text holds the float 0.1: it resumes and evaluates
-    out = tmp_path / "old"
-    out.mkdir()
-    args = vae.parse_args(["--data-dir", fake_mnist, "--out-dir", str(out), "--likelihood", "gaussian",
-                           "--device", "cpu", *TINY])
-    args.sigma = 0.1
-    device = vae.setup(args)
-    net = vae.build_model(vars(args))
-    assert net.fixed_sigma == 0.1
-    opt = torch.optim.Adam(net.parameters())
-    vae.save_checkpoint(str(out / "ckpt.pt"), "vae", args, 2, 0, device, model=net, ema=None, optimizer=opt)
-    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--resume", "--max-steps", "3", *TINY])
-    assert json.loads((out / "metrics.json").read_text())["config"]["sigma"] == "0.1"
-    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--eval-only", "--iw-samples", "0"])
-    assert "(sigma 0.1)" in capsys.readouterr().out and (out / "eval.json").is_file()
+    # a fixed sigma trains, resumes and evaluates with the value it was given
+    out = tmp_path / "fixed"
+    common = ["--data-dir", fake_mnist, "--out-dir", str(out), "--device", "cpu", *TINY]
+    vae.main([*common, "--likelihood", "gaussian", "--sigma", "0.1", "--max-steps", "2", "--iw-samples", "0"])
+    vae.main([*common, "--resume", "--likelihood", "gaussian", "--max-steps", "3", "--iw-samples", "0"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["sigma"] == "0.1" and m["step"] == 3 and "test_bpd" in m
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--eval-only", "--iw-samples", "4", "--iw-images", "4"])
+    e = json.loads((out / "eval.json").read_text())
+    assert "(sigma 0.1)" in capsys.readouterr().out and "test_bpd_iwae" in e
+    # bits/dim: nats over 784 ln 2, plus the 8 bits of the dequantization bins
+    assert e["test_bpd"] == pytest.approx(e["test_neg_elbo"] / (784 * math.log(2)) + 8)
 
 
 def test_bad_input_leaves_no_out_dir_and_an_unwritable_one_is_one_line(fake_mnist, tmp_path, capsys):
@@ -365,3 +393,33 @@ def test_bad_input_leaves_no_out_dir_and_an_unwritable_one_is_one_line(fake_mnis
         vae.main(["--data-dir", fake_mnist, "--out-dir", str(not_a_dir / "run"), *TINY])
     line = one_error_line(capsys.readouterr().err)
     assert e.value.code == 2 and "error" in line and "--out-dir" in line
+
+
+def test_score_samples_hands_score_py_the_prior_draws(fake_mnist, tmp_path, monkeypatch):
+    # score.py stands in as a fake module: what vae.py asks of it, and what it hands over
+    calls = []
+    fake = types.ModuleType("score")
+    fake.check_classifier = lambda path, data_dir: calls.append(("check", path, data_dir))
+
+    def draw_and_score(draw, n, device, cost, classifier, data_dir, seed, labels=None):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        x = draw(10, gen) if labels is None else draw(10, gen, labels[:10])
+        calls.append(("score", n, classifier, data_dir, seed, labels, x))
+        return {"fd": 1.5, "n": n}
+    fake.draw_and_score = draw_and_score
+    monkeypatch.setitem(sys.modules, "score", fake)
+    for cond in ([], ["--class-cond"]):
+        calls.clear()
+        out = tmp_path / f"scored{len(cond)}"
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(out), "--max-steps", "2", "--iw-samples", "0",
+                  "--score-samples", "30", "--classifier", "clf.pt", "--seed", "5", *TINY, *cond])
+        assert calls[0] == ("check", "clf.pt", fake_mnist)  # checked before the run, not after it
+        _, n, classifier, data_dir, seed, labels, x = calls[1]
+        assert (n, classifier, data_dir, seed) == (30, "clf.pt", fake_mnist, 5)
+        assert x.shape == (10, 1, 28, 28) and 0 <= x.min() and x.max() <= 1  # decoder means, not binary draws
+        assert len(x.unique()) > 2
+        if cond:  # the ten digits equally often
+            assert torch.equal(labels, torch.arange(30) % 10)
+        else:
+            assert labels is None
+        assert json.loads((out / "metrics.json").read_text())["score"] == {"fd": 1.5, "n": 30}
