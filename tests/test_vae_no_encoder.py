@@ -33,13 +33,13 @@ def test_corruption_has_the_stated_mean_and_variance():
     assert torch.allclose(z.var(dim=0), torch.full((1, 2, 2), 1 - a), rtol=1.5e-2)
 
 
-def test_predict_x0_eps_inverts_the_corruption():
+def test_estimate_x0_eps_inverts_the_corruption():
     g = torch.Generator().manual_seed(1)
     a = 0.4
     x, eps = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1, torch.randn(3, 1, 4, 4, generator=g)
     z = math.sqrt(a) * x + math.sqrt(1 - a) * eps
     for pred, out in (("eps", eps), ("x0", x)):  # a perfect network, either target
-        x0_hat, eps_hat = vne.predict_x0_eps(a, z, out, pred)
+        x0_hat, eps_hat = vne.estimate_x0_eps(a, z, out, pred)
         assert torch.allclose(x0_hat, x, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
 
 
@@ -54,10 +54,10 @@ def test_normal_kl_against_torch_distributions():
 def test_negative_elbo_matches_full_gaussian_log_densities():
     """The reduction of section 3 against the model's densities written out with
     torch.distributions, on a 4-pixel case: per sample the decoder term must equal
-    -log N(x; mu_theta(z), sigma^2) exactly, and on average over z the whole bound must equal
-    -E_q[log p(x|z) + log p(z) - log q(z|x)]."""
+    -log N(x; mu_theta(z), sigma^2) exactly, and on average over z the whole bound (decoder term
+    + the KL in closed form) must equal -E_q[log p(x|z) + log p(z) - log q(z|x)]."""
     g = torch.Generator().manual_seed(2)
-    a, log_sigma = 0.6, torch.tensor(math.log(0.3))
+    a, log_std = 0.6, torch.tensor(math.log(0.3))
     x = torch.tensor([-1.0, -0.2, 0.5, 0.9]).view(1, 1, 2, 2)
     prior_mean = torch.tensor([-0.7, 0.1, 0.0, 0.3]).view(1, 1, 2, 2)
     prior_std = torch.tensor([0.5, 1.2, 0.9, 1.0]).view(1, 1, 2, 2)
@@ -68,16 +68,16 @@ def test_negative_elbo_matches_full_gaussian_log_densities():
     eps_hat = 0.8 * torch.tanh(z) - 0.1  # any function of z will do as "the network"
     mu = (z - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
 
-    log_px_z = Normal(mu, log_sigma.exp()).log_prob(xs).sum(dim=(1, 2, 3))
+    log_px_z = Normal(mu, log_std.exp()).log_prob(xs).sum(dim=(1, 2, 3))
     log_pz = Normal(prior_mean, prior_std).log_prob(z).sum(dim=(1, 2, 3))
     log_qz_x = Normal(math.sqrt(a) * xs, math.sqrt(1 - a)).log_prob(z).sum(dim=(1, 2, 3))
 
-    recon = vne.reconstruction_nll_from_noise(eps, eps_hat, a, log_sigma)
+    recon = vne.reconstruction_nll_from_noise(eps, eps_hat, a, log_std)
     assert torch.allclose(recon, -log_px_z, rtol=1e-4, atol=1e-3)  # per sample: an identity
     kl = vne.prior_kl(x, a, prior_mean, prior_std)
     expected_kl = kl_divergence(Normal(math.sqrt(a) * x, math.sqrt(1 - a)), Normal(prior_mean, prior_std)).sum()
     assert torch.allclose(kl, expected_kl, rtol=1e-5)
-    bound = vne.negative_elbo(xs, eps, eps_hat, a, log_sigma, prior_mean, prior_std).mean()
+    bound = recon.mean() + kl
     mc = -(log_px_z + log_pz - log_qz_x).mean()
     assert abs(bound.item() - mc.item()) < 0.02 * abs(mc.item())
 
@@ -102,7 +102,7 @@ def test_fitted_prior_matches_the_corrupted_training_set():
     train_u8 = torch.randint(0, 256, (40, 8, 8), generator=g, dtype=torch.uint8)  # any image size will do
     train_u8[:, :3] = 0  # a background band, as in MNIST: variance only from the noise there
     a = 0.8
-    mean, std = vne.prior_at(*vne.fit_prior(vne.to_model_range(train_u8)), a)
+    mean, std = vne.fit_prior(vne.to_model_range(train_u8), a)
     x = train_u8.float().unsqueeze(1) / 127.5 - 1
     copies = 2000
     z = math.sqrt(a) * x.repeat(copies, 1, 1, 1) + math.sqrt(1 - a) * torch.randn(copies * 40, 1, 8, 8, generator=g)
@@ -114,8 +114,22 @@ def test_fitted_prior_matches_the_corrupted_training_set():
 def test_discretized_decoder_sums_to_one_over_the_256_levels():
     levels = torch.arange(256).float() / 127.5 - 1
     for mean, sigma in ((0.1, 0.05), (-0.95, 0.3), (0.99, 0.01)):
-        logp = vne.discretized_gaussian_log_likelihood(levels, torch.tensor(mean), torch.tensor(math.log(sigma)))
+        logp = vne.discretized_gaussian_log_likelihood(levels, torch.tensor(mean), torch.tensor(2 * math.log(sigma)))
         assert abs(logp.exp().sum().item() - 1.0) < 1e-4
+
+
+def test_discretized_decoder_against_normal_cdf_in_float64():
+    """Each bin's probability against Phi(hi) - Phi(lo) from torch.distributions in float64, the
+    edge bins open: log_var is a variance, sigma = e^(log_var / 2)."""
+    k = torch.tensor([0, 1, 77, 128, 254, 255])
+    x = k.double() / 127.5 - 1
+    mean, sigma = 0.2, 0.4
+    normal = Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    lo = torch.where(k == 0, torch.tensor(-math.inf, dtype=torch.float64), x - 1 / 255)
+    hi = torch.where(k == 255, torch.tensor(math.inf, dtype=torch.float64), x + 1 / 255)
+    expected = (normal.cdf(hi) - normal.cdf(lo)).log()
+    logp = vne.discretized_gaussian_log_likelihood(x.float(), torch.tensor(mean), torch.tensor(2 * math.log(sigma)))
+    assert torch.allclose(logp.double(), expected, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,7 +140,7 @@ def test_discretized_decoder_sums_to_one_over_the_256_levels():
 def test_both_archs_give_image_shaped_outputs(arch):
     model = vne.build_model({"arch": arch, "channels": 8, "alpha_bar": 0.5, "pred": "eps"})
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 1, 28, 28)
-    assert set(model.state_dict()) >= {"prior_mean", "prior_std", "log_sigma"}
+    assert set(model.state_dict()) >= {"prior_mean", "prior_std", "log_std"}
     samples, z = vne.generate(model, model, 4, "fitted")
     assert samples.shape == z.shape == (4, 1, 28, 28) and samples.abs().max() <= 1
     with pytest.raises(ValueError):
@@ -136,7 +150,7 @@ def test_both_archs_give_image_shaped_outputs(arch):
 def test_cnn_has_no_skip_connections():
     # Every module of the plain CNN is in one sequential chain: no UNet, no residual blocks.
     net = vne.make_network("cnn", 8)
-    assert isinstance(net.layers, torch.nn.Sequential)
+    assert isinstance(net, torch.nn.Sequential)
     assert not any(type(m).__name__ in ("ResBlock", "UNet") for m in net.modules())
 
 
@@ -197,18 +211,34 @@ def test_cli_smoke_and_sweep(run_script, capsys, fake_mnist, tmp_path):
     assert sorted(os.listdir(out)) == ["ckpt.pt", "denoise.png", "metrics.json", "samples_epoch_001.png",
                                        "samples_epoch_002.png", "samples_fitted.png", "samples_standard.png"]
     ckpt = load(os.path.join(out, "ckpt.pt"))  # plain data: loads with weights_only=True
-    assert ckpt["kind"] == "vae_no_encoder" and ckpt["version"] == 1 and ckpt["ema"] is None
+    assert ckpt["kind"] == "vae_no_encoder" and ckpt["version"] == 2 and ckpt["ema"] is None
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2  # 256 images / 64 = 4 steps per epoch
     assert ckpt["config"]["alpha_bar"] == 0.5 and "cpu" in ckpt["rng"]
     assert not any("_orig_mod" in k for k in ckpt["model"])
     model = vne.build_model(ckpt["config"])
     model.load_state_dict(ckpt["model"])  # what sample.py does
-    assert model.log_sigma.item() < 0  # fitted after training (the initial value is 0)
+    assert model.log_std.item() < 0  # fitted after training (the initial value is 0)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    for key in ("train_loss", "test_eps_mse", "test_x_mse", "test_bpd_standard", "test_bpd_fitted",
-                "train_images_per_sec", "seconds_per_epoch", "wall_time_s", "peak_memory_mb", "device"):
+    for key in ("config", "step", "epochs_done", "train_loss", "train_images_per_sec", "sample_images_per_sec",
+                "wall_time_s", "device", "parameters", "peak_memory_mb", "test_eps_mse", "test_x_mse", "test_bpd",
+                "test_bpd_standard", "test_bpd_fitted", "test_bpd_decoder", "decoder_std"):
         assert metrics[key] is not None, key
-    assert metrics["test_bpd_kl_fitted"] < metrics["test_bpd_kl_standard"]  # the fitted prior is the closer one
+    assert metrics["test_bpd_prior_fitted"] < metrics["test_bpd_prior_standard"]  # the fitted prior is the closer one
+    assert metrics["test_bpd"] == metrics["test_bpd_fitted"]  # the model's prior, --prior (default fitted)
+
+    # --eval-only: the same held-out numbers from the checkpoint (same weights, sigma, noise), its own
+    # pictures and eval.json; the run's files untouched.
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    proc = vne_main(capsys, fake_mnist, out, "--eval-only", "--batch-size", "128")
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluating" in proc.stdout and "bits/dim" in proc.stdout
+    evaluated = json.load(open(os.path.join(out, "eval.json")))
+    assert evaluated["step"] == 8 and evaluated["sample_images_per_sec"] > 0
+    for key in ("test_eps_mse", "test_x_mse", "test_bpd", "test_bpd_standard", "test_bpd_fitted", "decoder_std"):
+        assert evaluated[key] == pytest.approx(metrics[key], rel=1e-6), key
+    assert sorted(set(os.listdir(out)) - set(before)) == ["eval.json", "eval_denoise.png", "eval_samples_fitted.png",
+                                                          "eval_samples_standard.png"]
+    assert all(open(os.path.join(out, name), "rb").read() == data for name, data in before.items())
 
     sweep_dir = tmp_path / "sweep"
     proc = vne_main(capsys, fake_mnist, sweep_dir, "--sweep", out, out)
@@ -247,6 +277,8 @@ def test_resume_continues_exactly(capsys, fake_mnist, tmp_path):
     (["--prior", "uniform"], "--prior"),
     (["--batch-size", "0"], "--batch-size"),
     (["--batch-size", "1000"], "larger than the training set"),
+    (["--eval-only", "--resume"], "exclude each other"),
+    (["--sweep", "a", "--eval-only"], "exclude each other"),
 ])
 def test_bad_arguments(capsys, fake_mnist, tmp_path, args, needle):
     assert_one_line_error(vne_main(capsys, fake_mnist, tmp_path / "run", *args), needle)
@@ -270,12 +302,26 @@ def test_bad_checkpoints_never_overwrite(capsys, fake_mnist, tmp_path):
 
     torch.save({"kind": "vae_no_encoder", "version": 99}, ckpt)
     before = ckpt.read_bytes()
-    assert_one_line_error(vne_main(capsys, fake_mnist, out, "--resume"), "newer")
+    assert_one_line_error(vne_main(capsys, fake_mnist, out, "--resume"), "checkpoint format 99")
     # A new run into a folder that holds a checkpoint refuses rather than overwrite it.
     assert_one_line_error(vne_main(capsys, fake_mnist, out), "exists", "--resume")
     assert ckpt.read_bytes() == before
 
     assert_one_line_error(vne_main(capsys, fake_mnist, tmp_path / "empty", "--resume"), "no checkpoint")
+    assert_one_line_error(vne_main(capsys, fake_mnist, tmp_path / "empty", "--eval-only"), "no checkpoint")
+
+
+def test_version_1_checkpoints_are_refused(capsys, fake_mnist, tmp_path):
+    """Checkpoints of format 1 (before the buffer log_sigma became log_std) are refused with one
+    line by every reader of a checkpoint, before anything is trained or written."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"kind": "vae_no_encoder", "version": 1, "config": {}, "model": {}}, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    for mode in (["--resume"], ["--eval-only"]):
+        assert_one_line_error(vne_main(capsys, fake_mnist, out, *mode), "checkpoint format 1", "format 2")
+    assert_one_line_error(vne_main(capsys, fake_mnist, tmp_path / "s", "--sweep", out), "checkpoint format 1")
+    assert os.listdir(out) == ["ckpt.pt"] and (out / "ckpt.pt").read_bytes() == before
 
 
 def test_out_dir_that_cannot_be_created(capsys, fake_mnist, tmp_path):
