@@ -7,17 +7,18 @@ own `build_model`, loads the weights as data (`weights_only=True`: no code in a 
 ever runs), and draws. Sampling is what each tutorial file explains; here it is only called.
 
     python sample.py --ckpt out/ddpm/ckpt.pt                                    # 64 samples -> out/ddpm/samples.png
-    python sample.py --ckpt out/ddpm/ckpt.pt --sampler ddpm --trajectory             # ancestral, all T steps
-    python sample.py --ckpt out/ddpm/ckpt.pt --n 10000 --save-array samples.npz   # for other tools
+    python sample.py --ckpt out/ddpm/ckpt.pt --sampler ddpm --trajectory          # ancestral, all T steps
+    python sample.py --ckpt out/ddpm/ckpt.pt --n 10000 --save-array samples.npz   # for score.py
     python sample.py --ckpt out/vae/ckpt.pt --interpolate --reconstruct --data-dir ../shared/mnist
-    python sample.py --ckpt out/ddpm_cond/ckpt.pt --per-class 8 --guidance 1           # conditional: a row per digit
+    python sample.py --ckpt out/ddpm_cond/ckpt.pt --per-class 8 --guidance 1      # --class-cond: a row per digit
     python sample.py --ckpt out/ddpm_cond/ckpt.pt --per-class 4 --guidance-sweep 0,1,3,5
     python sample.py --ckpt out/ddpm/ckpt.pt --inpaint bottom --data-dir ../shared/mnist --resample 5
 
 Writes the grid to --out (default: samples.png beside the checkpoint) and, on request, the raw
 samples as an .npz (key "samples": N x 1 x 28 x 28 float32 in [0, 1]), a trajectory strip
 (x_t from noise to digit, DDPM), an interpolation and reconstructions (VAE). The same --seed
-gives the same images. Prints the time and images/s of every drawing.
+gives the same images. Prints the time and images/s of every drawing. A checkpoint in another
+format than its script reads (one of an older version of this project) is refused in one line.
 """
 import argparse
 import math
@@ -33,8 +34,6 @@ import latent_diffusion
 import vae
 import vae_no_encoder
 
-# The script behind each kind of checkpoint: its build_model, setup, CKPT_VERSION and sampling code.
-KINDS = {"ddpm": ddpm, "vae": vae, "vae_no_encoder": vae_no_encoder, "latent_diffusion": latent_diffusion}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # what --out may be: PIL picks the format by it
 GRID_MAX = 1024  # a grid shows at most this many images (an .npz holds all of them)
 
@@ -56,7 +55,7 @@ def make_parser():
                    help="torch.compile the network (default: on for CUDA only)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the network (default: on for CUDA only)")
-    g = p.add_argument_group("conditional checkpoints (ddpm.py --class-cond, vae.py --conditional)")
+    g = p.add_argument_group("conditional checkpoints (ddpm.py and vae.py --class-cond)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="DIGITS",
                    help="the digits to draw, e.g. --class 3 --class 7 or --class 3,7 (default: 0..9 in turn)")
     g.add_argument("--per-class", type=ddpm.positive_int, default=None,
@@ -65,15 +64,12 @@ def make_parser():
                    help="ddpm: classifier-free guidance weight w (default: the training run's --guidance)")
     g.add_argument("--guidance-sweep", default=None, metavar="W,W,...",
                    help="ddpm: one picture with a block of rows per guidance weight, the same noise in each")
-    g = p.add_argument_group("ddpm only")
+    g = p.add_argument_group("ddpm only (--sampler, --sample-steps, --eta, --raw-weights: latent_diffusion too)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
-                   help="DDIM (default), or ancestral DDPM (all T steps: a little better, 20x slower; README)")
-    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None,
-                   help="DDIM steps (default 50, or T if fewer); 20: 2.5x faster, the same FD on the CPU "
-                        "recipe's v + cosine model (README)")
+                   help="DDIM (default), or ancestral DDPM (all T steps)")
+    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
     g.add_argument("--eta", type=float, default=None,
-                   help="DDIM noise (default 1, the best digits); 0: deterministic, one noise one digit, "
-                        "FD 54 against 37 at 50 steps with v-prediction, 90 against 32 with eps (README)")
+                   help="DDIM noise (default 1); 0: deterministic, one noise one digit")
     g.add_argument("--trajectory", action="store_true", help="also write a strip of x_t from noise to digit")
     g.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     g.add_argument("--inpaint", choices=["top", "bottom", "left", "right", "center"], default=None,
@@ -93,20 +89,12 @@ def make_parser():
     return p
 
 
-# Which flags apply to which kind: a flag given for another kind is an error, not ignored.
-DIFFUSION = ("ddpm", "latent_diffusion")
-ONLY_FOR = {"sampler": DIFFUSION, "sample_steps": DIFFUSION, "eta": DIFFUSION, "raw_weights": DIFFUSION,
-            "trajectory": ("ddpm",), "guidance": ("ddpm",), "guidance_sweep": ("ddpm",), "inpaint": ("ddpm",),
-            "resample": ("ddpm",), "completions": ("ddpm",), "interpolate": ("vae",), "reconstruct": ("vae",),
-            "prior": ("vae_no_encoder",)}
-
-
 # ---------------------------------------------------------------------------------------
 # 1. Loading: any checkpoint, checked before anything is built
 # ---------------------------------------------------------------------------------------
 
 def load_any_checkpoint(path):
-    """The checkpoint dict, after checking it is one of ours and not from a newer script."""
+    """The checkpoint dict, after checking it is one of ours, in the format its script reads."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     try:
@@ -117,16 +105,16 @@ def load_any_checkpoint(path):
         fail(f"{path} is not a checkpoint of this project (no 'kind' and 'config')")
     if ckpt["kind"] not in KINDS:
         fail(f"{path} has unknown kind {ckpt['kind']!r} (known: {', '.join(KINDS)})")
-    script = KINDS[ckpt["kind"]]
-    if ckpt.get("version", 0) > script.CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than {ckpt['kind']}.py's "
-             f"{script.CKPT_VERSION}: update the scripts")
+    script = KINDS[ckpt["kind"]][0]
+    if ckpt.get("version", 0) != script.CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt.get('version', 0)}; {ckpt['kind']}.py reads format "
+             f"{script.CKPT_VERSION}: retrain, or use the version of this project that wrote it")
     return ckpt
 
 
 def load_network(ckpt, device, raw_weights=False):
     """The network of the checkpoint in eval mode. Diffusion: the EMA weights unless raw_weights."""
-    net = KINDS[ckpt["kind"]].build_model(ckpt["config"])
+    net = KINDS[ckpt["kind"]][0].build_model(ckpt["config"])
     use_ema = ckpt["kind"] in DIFFUSION and not raw_weights
     net.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     return net.to(device).eval()
@@ -160,7 +148,7 @@ def vae_drawer(ckpt, net, args, device, gen):
 
 def vae_no_encoder_drawer(ckpt, net, args, device, gen):
     model_fn = vae_no_encoder.make_model_fn(net, device, args.amp, args.compile)
-    prior = args.prior or ckpt["config"].get("prior", "fitted")
+    prior = args.prior or ckpt["config"]["prior"]
 
     def draw(b, y=None):
         x, _ = vae_no_encoder.generate(model_fn, net, b, prior, generator=gen)  # z ~ prior, decoded once
@@ -180,12 +168,22 @@ def latent_diffusion_drawer(ckpt, net, args, device, gen):
     return draw
 
 
-DRAWERS = {"ddpm": ddpm_drawer, "vae": vae_drawer, "vae_no_encoder": vae_no_encoder_drawer,
-           "latent_diffusion": latent_diffusion_drawer}
+# Each kind of checkpoint: the script that wrote it (its build_model, setup and CKPT_VERSION)
+# and its drawer. A new kind is a row here, a drawer above, and its flags in ONLY_FOR.
+KINDS = {"ddpm": (ddpm, ddpm_drawer), "vae": (vae, vae_drawer),
+         "vae_no_encoder": (vae_no_encoder, vae_no_encoder_drawer),
+         "latent_diffusion": (latent_diffusion, latent_diffusion_drawer)}
+
+# Which flags apply to which kind: a flag given for another kind is an error, not ignored.
+DIFFUSION = ("ddpm", "latent_diffusion")  # these keep EMA weights (--raw-weights) and have a sampler
+ONLY_FOR = {"sampler": DIFFUSION, "sample_steps": DIFFUSION, "eta": DIFFUSION, "raw_weights": DIFFUSION,
+            "trajectory": ("ddpm",), "guidance": ("ddpm",), "guidance_sweep": ("ddpm",), "inpaint": ("ddpm",),
+            "resample": ("ddpm",), "completions": ("ddpm",), "interpolate": ("vae",), "reconstruct": ("vae",),
+            "prior": ("vae_no_encoder",)}
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Labels for conditional checkpoints, extra pictures, and main
+# 3. Labels for conditional checkpoints, the extra pictures
 # ---------------------------------------------------------------------------------------
 
 def class_labels(args):
@@ -222,12 +220,12 @@ def write_inpainting(net, config, args, device, gen, path):
     """Each row: a test digit with --inpaint's region hidden (grey), --completions fills of it
     by the model (ddpm.inpaint), and the original."""
     images, true_labels = ddpm.load_mnist(args.data_dir, train=False, device=device)
-    n, k = args.n or 8, args.completions or 4
+    n, k = args.n, args.completions or 4
     x0 = ddpm.to_model_range(images[:n]).repeat_interleave(k, dim=0)   # k copies of each digit, in [-1, 1]
     known = torch.ones_like(x0)
     known[(slice(None), slice(None), *HIDDEN[args.inpaint])] = 0
     model_fn = ddpm.make_model_fn(net, device, args.amp, args.compile)
-    if config.get("class_cond"):  # fill as the digit's own class, or as --class
+    if config["class_cond"]:  # fill as the digit's own class, or as --class
         y = torch.tensor(args.classes).repeat(n)[:n] if args.classes else true_labels[:n].cpu()
         y = y.repeat_interleave(k).to(device)
         model_fn = ddpm.for_labels(model_fn, y, args.guidance)
@@ -259,7 +257,7 @@ def vae_pictures(net, config, args, device, gen, out_stem):
     test = labels = None
     if args.data_dir is not None:
         images, labels = vae.load_mnist(args.data_dir, train=False, device=device)
-        test, labels = vae.to_model_data(images[:64], config["likelihood"], config["binarize"], generator=gen), labels[:64]
+        test, labels = vae.likelihood_data(images[:64], config["likelihood"], config["binarize"], gen), labels[:64]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         if args.interpolate:
             path = out_stem + "_interpolation.png"
@@ -277,6 +275,10 @@ def vae_pictures(net, config, args, device, gen, out_stem):
             log(f"wrote {path} (test inputs over reconstructions)")
 
 
+# ---------------------------------------------------------------------------------------
+# 4. main
+# ---------------------------------------------------------------------------------------
+
 @torch.no_grad()  # nothing here trains
 def main(argv=None):
     args = parse_args(argv)
@@ -285,18 +287,21 @@ def main(argv=None):
     check_flags(args, ckpt)
     out = check_outputs(args)
 
-    device = KINDS[kind].setup(args)  # the checkpoint's own script: device, compile/amp defaults
+    script, drawer = KINDS[kind]
+    device = script.setup(args)  # the checkpoint's own script: device, compile/amp defaults
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     net = load_network(ckpt, device, args.raw_weights)
     if args.inpaint:
         return write_inpainting(net, config, args, device, gen, out)
-    draw = DRAWERS[kind](ckpt, net, args, device, gen)
+    draw = drawer(ckpt, net, args, device, gen)
     labels = class_labels(args) if is_conditional(ckpt) else None
     n = args.n if labels is None else len(labels)
-    how = f" ({args.sampler}{f', {args.sample_steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else ''}" \
-        f"{f', guidance w = {args.guidance:g}' if labels is not None else ''})" if kind in DIFFUSION else ""
-    log(f"{kind} checkpoint {args.ckpt} (step {ckpt.get('step')}) on {device.type}, compile={args.compile}, "
+    how = ""
+    if kind in DIFFUSION:
+        how = args.sampler + (f", {args.sample_steps} steps, eta {args.eta:g}" if args.sampler == "ddim" else "")
+        how = f" ({how}" + (f", guidance w = {args.guidance:g}" if labels is not None else "") + ")"
+    log(f"{kind} checkpoint {args.ckpt} (step {ckpt['step']}) on {device.type}, compile={args.compile}, "
         f"amp={args.amp}: drawing {n} samples{how}" + ("" if labels is None else f" of the digits {sorted(set(labels.tolist()))}"))
     if args.guidance_sweep:
         return write_guidance_sweep(draw, args, labels, device, gen, out)
@@ -325,10 +330,10 @@ def main(argv=None):
         vae_pictures(net, config, args, device, gen, stem)
 
 
-# =======================================================================================
-# Appendix: plumbing. Nothing below this line is about the model.
-# =======================================================================================
-# The command line and its checks (all made before anything is drawn), and the log.
+# ---------------------------------------------------------------------------------------
+# Run plumbing of this script: the command line and its checks (all made before anything
+# is drawn), the log
+# ---------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -338,7 +343,7 @@ def parse_args(argv=None):
 
 
 def is_conditional(ckpt):
-    return bool(ckpt["config"].get("class_cond") or ckpt["config"].get("conditional"))
+    return bool(ckpt["config"].get("class_cond"))  # only ddpm.py and vae.py have --class-cond
 
 
 def check_flags(args, ckpt):
@@ -387,7 +392,7 @@ def check_conditional_flags(args, ckpt):
                             ("--guidance-sweep", args.guidance_sweep)) if v is not None]
     if not is_conditional(ckpt):
         if given:
-            fail(f"{given[0]} applies to conditional checkpoints (ddpm.py --class-cond, vae.py --conditional); "
+            fail(f"{given[0]} applies to conditional checkpoints (ddpm.py or vae.py --class-cond); "
                  f"{args.ckpt} is unconditional")
         return
     if args.classes is not None:
@@ -400,7 +405,7 @@ def check_conditional_flags(args, ckpt):
     if args.per_class and args.n is not None:
         fail("--per-class K draws K of each class: give it or --n, not both")
     if ckpt["kind"] == "ddpm":
-        args.guidance = ckpt["config"].get("guidance", 0.0) if args.guidance is None else args.guidance
+        args.guidance = ckpt["config"]["guidance"] if args.guidance is None else args.guidance
         if args.guidance_sweep is not None:
             try:
                 [float(w) for w in args.guidance_sweep.split(",")]

@@ -30,8 +30,8 @@ samples.npz is what `python sample.py --save-array samples.npz` writes: key "sam
 (N x 1 x 28 x 28 float32 in [0, 1]) and optionally "labels" (N ints, the intended classes).
 A PNG grid that torchvision's save_image wrote (every samples_*.png here) scores too, at the
 8-bit precision of the PNG; grids are small, and FD wants N >= 1,000.
-ddpm.py, vae.py and vae_no_encoder.py call score_samples() at the end of training with
---score-samples N.
+The training scripts' --score-samples N calls check_classifier() before training and
+draw_and_score() after it (section 4).
 Writes: --classifier (ckpt.pt) and metrics.json beside it when training; --json when scoring.
 """
 
@@ -134,8 +134,9 @@ def augment(x, max_shift, max_rotate, generator=None):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def to_unit(images_u8):
-    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [0, 1]."""
+def to_model_range(images_u8):
+    """The classifier's data convention: uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in
+    [0, 1], the range every script's samples are scored in."""
     return images_u8.unsqueeze(1).float() / 255
 
 
@@ -259,15 +260,12 @@ def train_classifier(args):
     log(f"classifier: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters | {len(train_x)} train "
         f"images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps | device "
         f"{device.type}, compile={args.compile}, amp={args.amp}")
-    # epoch_batches draws image batches; the labels come along by drawing (image, label) pairs
-    # packed in one uint8 row: 784 pixels and the label as a 785th byte.
-    packed = torch.cat([train_x.flatten(1), train_y.to(torch.uint8)[:, None]], 1)
-    step, meter, t_start, test_acc = 0, Meter(0, total_steps, steps_per_epoch, args, device), time.perf_counter(), math.nan
+    step, test_acc, t_start = 0, math.nan, time.perf_counter()
+    meter = Meter(0, total_steps, steps_per_epoch, args.batch_size, args.log_every, device)
     net.train()
     while step < total_steps:
-        for batch in epoch_batches(packed, step, steps_per_epoch, args):
-            x = augment(to_unit(batch[:, :784].view(-1, 28, 28)), args.max_shift, args.max_rotate)
-            y = batch[:, 784].long()
+        for images, y in epoch_batches((train_x, train_y), step, steps_per_epoch, args.batch_size, args.seed):
+            x = augment(to_model_range(images), args.max_shift, args.max_rotate)
             for group in opt.param_groups:  # cosine decay of the learning rate to 0 over the run
                 group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             loss = F.cross_entropy(train_fn(x), y, reduction="none")
@@ -287,28 +285,36 @@ def train_classifier(args):
                             model=net, optimizer=opt)
 
     wall = time.perf_counter() - t_start
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "test_accuracy": test_acc,
-               "train_loss": meter.last.get("loss", math.nan), "wall_time_s": wall, "device": describe(device),
-               "train_images_per_sec": meter.images_per_sec(step * args.batch_size, wall),
-               "peak_memory_mb": peak_memory_mb(device)}
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
+               "train_loss": meter.last.get("loss", math.nan), "test_accuracy": test_acc,
+               "train_images_per_sec": meter.images_per_sec(step * args.batch_size, wall), "wall_time_s": wall,
+               "train_seconds": meter.training_seconds(), "device": describe(device),
+               "parameters": sum(p.numel() for p in net.parameters()), "peak_memory_mb": peak_memory_mb(device)}
     write_json(metrics, os.path.join(os.path.dirname(args.classifier) or ".", "metrics.json"))
     log(f"done: {step} steps in {wall / 60:.1f} min | test accuracy {test_acc:.4f} ({len(test_x)} digits) "
         f"| wrote {args.classifier}")
 
 
 def accuracy(net, images_u8, labels, batch_size):
-    _, probs = classify(net, to_unit(images_u8), batch_size)
+    _, probs = classify(net, to_model_range(images_u8), batch_size)
     return (probs.argmax(1) == labels.cpu()).float().mean().item()
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Scoring samples, the reference table, main
+# 3. Scoring samples
 # ---------------------------------------------------------------------------------------
 
-def load_classifier(path, device, data_dir):
+def check_classifier(path, data_dir):
+    """A trained digit classifier at path, or one line that says how to train one. The training
+    scripts call this before anything runs (--score-samples), so a long run cannot end without
+    the score it was asked for."""
     if not os.path.isfile(path):
-        fail(f"no classifier at {path}: train one first with `python score.py --train-classifier "
+        fail(f"no digit classifier at {path}: train one with `python score.py --train-classifier "
              f"--data-dir {data_dir} --classifier {path}` (a few minutes on a CPU)")
+
+
+def load_classifier(path, device, data_dir):
+    check_classifier(path, data_dir)
     ckpt = load_checkpoint(path, "classifier")
     net = Classifier().to(device)
     net.load_state_dict(ckpt["model"])
@@ -391,7 +397,7 @@ def sample_problem(x):
 def real_subset(images_u8, n, seed):
     """n digits drawn without replacement (seeded), as floats in [0, 1] on the CPU."""
     idx = torch.randperm(len(images_u8), generator=torch.Generator().manual_seed(seed))[:n]
-    return to_unit(images_u8.cpu()[idx])
+    return to_model_range(images_u8.cpu()[idx])
 
 
 def score_samples(x, classifier, data_dir, device, k=3, n_real=None, seed=0, labels=None, batch_size=500):
@@ -409,6 +415,46 @@ def score_samples(x, classifier, data_dir, device, k=3, n_real=None, seed=0, lab
     real_feats, _ = classify(net, real_subset(test_x, n_real, seed), batch_size)
     return {"classifier": classifier, **scores(feats, probs, real_feats, k, labels)}
 
+
+# ---------------------------------------------------------------------------------------
+# 4. Scoring a training run: what the training scripts' --score-samples calls
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def draw_and_score(draw, n, device, cost, classifier, data_dir, seed, labels=None):
+    """Draw n samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in batches of 256 from
+    a generator seeded seed + SEED_SCORE, and score them against as many real test digits.
+    Announces the cost (a text: the sampler, network calls per sample), then the time to go
+    after the first batch. With labels (n intended classes) draw(n, generator, labels of the
+    batch), and the scores have the classifier's accuracy on them. Diverged samples (NaN, out of
+    range) are not scored: {"n", "error"}, so the rest of a run's metrics survive."""
+    batch = 256
+    log(f"score: drawing {n} samples ({cost}), then scoring them with {classifier}")
+    gen = torch.Generator(device=device).manual_seed(seed + SEED_SCORE)
+    t0, parts = time.perf_counter(), []
+    for i in range(0, n, batch):
+        k = min(batch, n - i)
+        images = draw(k, gen) if labels is None else draw(k, gen, labels[i:i + k])
+        parts.append(images.float().clamp(0, 1).cpu())
+        if i == 0 and n > batch:
+            spent = time.perf_counter() - t0
+            log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
+    seconds, x = time.perf_counter() - t0, torch.cat(parts)
+    problem = sample_problem(x)
+    if problem:
+        log(f"score: not scored: {problem}")
+        return {"n": n, "error": problem}
+    result = {**score_samples(x, classifier, data_dir, device, seed=seed, labels=labels),
+              "sampling": cost, "sample_seconds": seconds}
+    log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
+        f"{result['recall']:.3f}" + (f" | accuracy on the labels {result['accuracy']:.3f}" if labels is not None else "")
+        + f" | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# 5. The command line: scoring a file, the reference table
+# ---------------------------------------------------------------------------------------
 
 def score_file(args):
     x, labels = load_samples(args.samples)
@@ -467,15 +513,6 @@ def reference(args):
         write_out({"classifier": args.classifier, "k": args.k, "rows": table}, args.json)
 
 
-def write_out(obj, path):
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_json(obj, path)
-    except OSError as e:
-        fail(f"cannot write --json {path}: {e.strerror or e}")
-    log(f"wrote {path}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.train_classifier:
@@ -486,24 +523,9 @@ def main(argv=None):
         score_file(args)
 
 
-# =======================================================================================
-# Appendix: plumbing. Nothing below this line is about the model.
-# =======================================================================================
-# The same helpers, in the same order, close every training script of this project: the
-# command line, device and precision, data, random state and checkpoints, the log.
-
-
-CKPT_VERSION = 1
-
-
-def parse_args(argv=None):
-    """The knobs at the top of the file, read from the command line; bad input is one line."""
-    parser = make_parser()
-    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
-    args = parser.parse_args(argv)
-    check_args(args)
-    return args
-
+# ---------------------------------------------------------------------------------------
+# Run plumbing of this script
+# ---------------------------------------------------------------------------------------
 
 def check_args(args):
     """The checks no single argparse type can make."""
@@ -513,6 +535,34 @@ def check_args(args):
         fail("give one of SAMPLES.npz, --train-classifier, --reference" + (f" (got {' and '.join(modes)})" if modes else ""))
     if args.max_shift < 0 or args.max_rotate < 0:
         fail(f"--max-shift and --max-rotate must be >= 0, got {args.max_shift} and {args.max_rotate}")
+
+
+def write_out(obj, path):
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_json(obj, path)
+    except OSError as e:
+        fail(f"cannot write --json {path}: {e.strerror or e}")
+    log(f"wrote {path}")
+
+
+# ==================================== appendix: plumbing ====================================
+# Nothing below this line is about the model. The same block, byte for byte, closes every
+# script that trains (a test compares them), so a learner reads it once and a copied file runs
+# alone: the command line, the device, MNIST and its batches, random state and checkpoints,
+# the model wrapper, the log.
+
+CKPT_VERSION = 2  # 2: one name, class_cond, for conditioning in every script
+SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed + these: grids, evaluation, scoring
+
+
+def parse_args(argv=None):
+    """The knobs at the top of the file, read from the command line; bad input is one line."""
+    parser = make_parser()
+    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
 
 
 def number_at_least(convert, minimum, strict=False):
@@ -588,12 +638,24 @@ def peak_memory_mb(device):
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def save_image(images, path, **grid_options):
+    """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
+    `import torchvision` is half of a script's start-up on a small CPU, which --help and a bad
+    flag need not pay."""
+    from torchvision.utils import save_image as write_png
+    write_png(images, path, **grid_options)
+
+
 def load_mnist(data_dir, train, device):
     """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
     import torchvision  # here, not at the top: see save_image
+    existed = os.path.exists(data_dir)
     try:
         ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        if not existed:  # and no empty folder left behind by the failed download
+            import shutil
+            shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
              f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in "
              f"{os.path.join(data_dir, 'MNIST', 'raw')}/ or point --data-dir at a folder that has them")
@@ -601,20 +663,23 @@ def load_mnist(data_dir, train, device):
 
 
 def run_length(args, n_train):
-    """(steps per epoch, total steps). Full batches only, so step -> (epoch, batch) is exact."""
+    """(steps per epoch, total steps). Full batches only: every step has the same shape, and
+    step -> (epoch, batch) is exact."""
     steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
     return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
 
-def epoch_batches(images, step, steps_per_epoch, args):
-    """The rest of the epoch that `step` is in, as uint8 batches, in an order seeded by (seed,
-    epoch): a resumed run sees exactly the batches of an uninterrupted one."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + step // steps_per_epoch)
-    perm = torch.randperm(len(images), generator=g).to(images.device)
+def epoch_batches(tensors, step, steps_per_epoch, batch_size, seed):
+    """The rest of the epoch that `step` is in: for each batch, the same rows of every tensor
+    (images, labels), in an order seeded by (seed, epoch): a resumed run sees exactly the
+    batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step // steps_per_epoch)
+    perm = torch.randperm(len(tensors[0]), generator=g).to(tensors[0].device)
     for i in range(step % steps_per_epoch, steps_per_epoch):  # index_select: ~7x faster than [] on CPU
-        yield images.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size])
+        rows = perm[i * batch_size:(i + 1) * batch_size]
+        yield tuple(x.index_select(0, rows) for x in tensors)
 
 
 def rng_state(device):
@@ -664,7 +729,7 @@ def save_checkpoint(path, kind, args, step, epoch, device, **objects):
 
 
 def load_checkpoint(path, kind):
-    """A checkpoint of this kind, loaded as data (weights_only=True: no code in it runs)."""
+    """A checkpoint of this kind and format, loaded as data (weights_only=True: no code in it runs)."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     try:
@@ -673,8 +738,9 @@ def load_checkpoint(path, kind):
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         fail(f"{path} is not a {kind} checkpoint (kind: {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
-    if ckpt.get("version", 0) > CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    if ckpt.get("version", 0) != CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt.get('version', 0)}; this script reads format {CKPT_VERSION}: "
+             f"retrain, or use the version of this project that wrote it")
     return ckpt
 
 
@@ -682,14 +748,13 @@ class Meter:
     """The log line. Per-image losses are summed on the device and read once per line (a sync
     every step would stall a GPU): each figure is a mean since the last line, per group if
     asked. images/s leaves out the first interval (compile, warm-up) and time in paused().
-    note: images/s -> an extra figure for the line (ddpm.py: MFU on a GPU), or None."""
+    note: images/s -> an extra text for the line (MFU on a GPU, time left), or None."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None, note=None):
-        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
-        self.device, self.sums, self.last, self.first = device, {}, {}, True
+    def __init__(self, step, total_steps, steps_per_epoch, batch_size, log_every, device, note=None):
+        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, batch_size, log_every
+        self.device, self.sums, self.last, self.first, self.note = device, {}, {}, True, note
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
         self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
-        self.budget_s, self.note = budget_s, note  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -714,11 +779,8 @@ class Meter:
             self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
         speed, self.first = images / max(now - self.t_log, 1e-9), False
         figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
-        eta = (self.total - step) * self.batch / speed
-        if self.budget_s is not None:
-            eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {eta / 60:.1f} min")
+            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
@@ -748,9 +810,10 @@ def fail(message):
     sys.exit(2)
 
 
-def log(msg):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun (ddpm.py), rank 0 speaks for all
-        print(msg, flush=True)
+def log(message):
+    print(message, flush=True)
+
+# ================================== end of the appendix ==================================
 
 
 if __name__ == "__main__":

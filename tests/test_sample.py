@@ -85,12 +85,14 @@ def test_bad_checkpoints(tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint at all")
     foreign = tmp_path / "foreign.pt"
     torch.save({"kind": "gan", "config": {}}, foreign)
-    newer = tmp_path / "newer.pt"
+    newer, older = tmp_path / "newer.pt", tmp_path / "older.pt"
     torch.save({"kind": "ddpm", "version": 99, "config": {}}, newer)
+    torch.save({"kind": "vae", "version": 1, "config": {"conditional": False}}, older)  # before class_cond
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
     for path, words in ((tmp_path / "missing.pt", "no checkpoint"), (garbage, "not a readable checkpoint"),
-                        (foreign, "unknown kind 'gan'"), (newer, "newer"), (plain, "not a checkpoint of this project")):
+                        (foreign, "unknown kind 'gan'"), (newer, "format 99; ddpm.py reads format 2"),
+                        (older, "format 1; vae.py reads format 2: retrain"), (plain, "not a checkpoint of this project")):
         code, _, err = run(capsys, "--ckpt", path)
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
 

@@ -51,7 +51,7 @@ def test_inpaint_keeps_the_known_pixels_exactly():
 def conditional_checkpoints(fake_mnist, tmp_path_factory):
     root = tmp_path_factory.mktemp("cond")
     ddpm.main(["--data-dir", fake_mnist, "--out-dir", str(root / "ddpm"), *TINY_DDPM, "--class-cond"])
-    vae.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vae"), *TINY_VAE, "--conditional"])
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(root / "vae"), *TINY_VAE, "--class-cond"])
     return {"ddpm": str(root / "ddpm" / "ckpt.pt"), "vae": str(root / "vae" / "ckpt.pt")}
 
 

@@ -149,10 +149,12 @@ def fake_samples(fake_mnist, n=40):
 
 def test_train_classifier_writes_a_checkpoint(classifier, capsys):
     ckpt = torch.load(classifier, weights_only=True)
-    assert ckpt["kind"] == "classifier" and ckpt["step"] == 6
+    assert ckpt["kind"] == "classifier" and ckpt["step"] == 6 and ckpt["version"] == score.CKPT_VERSION
     assert {"config", "model", "optimizer", "epoch", "rng"} <= set(ckpt)
     metrics = json.load(open(os.path.join(os.path.dirname(classifier), "metrics.json")))
-    assert 0 <= metrics["test_accuracy"] <= 1
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["parameters"] == sum(v.numel() for v in score.Classifier().parameters())
+    assert {"config", "step", "epochs_done", "train_loss", "train_images_per_sec", "wall_time_s", "train_seconds",
+            "device", "peak_memory_mb"} <= set(metrics)
     one_line_error(capsys, ["--train-classifier", "--data-dir", "x", "--classifier", classifier], "exists")
 
 
@@ -247,54 +249,64 @@ def test_score_a_png_grid_end_to_end(classifier, fake_mnist, tmp_path, capsys):
     one_line_error(capsys, [str(tmp_path / "text.png"), "--classifier", classifier], "not a readable PNG")
 
 
-TRAINING_SCRIPTS = {
-    "ddpm.py": ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
-                "--eval-images", "0", "--num-samples", "4", "--sampler", "ddim", "--sample-steps", "3"],
-    "vae.py": ["--hidden-dim", "16", "--latent-dim", "3", "--iw-samples", "0", "--num-samples", "4"],
-    "vae_no_encoder.py": ["--channels", "8"],
-}
+# --- the training scripts' --score-samples: check_classifier and draw_and_score -----------
 
-
-@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
-def test_training_scripts_score_their_samples(script, classifier, fake_mnist, tmp_path, capsys):
-    import importlib
-    main = importlib.import_module(script[:-3]).main  # in this process: the parsing is the command line's
-    out = tmp_path / "run"
-    common = ["--data-dir", fake_mnist, "--out-dir", str(out), "--batch-size", "32", "--max-steps", "2",
-              "--device", "cpu", *TRAINING_SCRIPTS[script]]
-    # without a classifier: one line that says how to make one, before anything is trained or written
+def test_check_classifier(classifier, fake_mnist, tmp_path, capsys):
+    score.check_classifier(classifier, fake_mnist)  # there: nothing said
+    assert capsys.readouterr() == ("", "")
     with pytest.raises(SystemExit) as e:
-        main([*common, "--score-samples", "260", "--classifier", str(tmp_path / "none.pt")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "score.py --train-classifier" in err and not out.exists()
-
-    main([*common, "--score-samples", "260", "--classifier", classifier])
-    stdout = capsys.readouterr().out
-    assert "at the end: 260" in stdout  # announced before training
-    lines = stdout.strip().splitlines()
-    metrics = json.load(open(out / "metrics.json"))
-    scored = metrics["score"].values() if script == "vae_no_encoder.py" else [metrics["score"]]
-    for s in scored:  # 260 samples: more than one batch of 256
-        assert s["n"] == 260 and s["n_real"] == 64 and s["fd"] >= 0 and 0 <= s["precision"] <= 1
-        assert f"FD {s['fd']:.2f}" in lines[-1]
-    assert "about" in stdout and "min to go" in stdout
+        score.check_classifier(str(tmp_path / "none.pt"), fake_mnist)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"score.py --train-classifier --data-dir {fake_mnist}" in err and str(tmp_path / "none.pt") in err
 
 
-def test_ddpm_eval_only_scores_a_checkpoint(checkpoints, classifier, fake_mnist, tmp_path):
-    import shutil
+def test_scores_of_real_test_digits_drawn_as_samples(classifier, fake_mnist, capsys):
+    # The sampler hands back the test split itself: the samples are the real set, so FD is ~0
+    # (the floor) and every sample lies on the real manifold and vice versa.
+    import torchvision
+    ds = torchvision.datasets.MNIST(fake_mnist, train=False, download=False)
+    test_x = ds.data[:, None].float() / 255
+    given = iter(test_x.split(256))
+    s = score.draw_and_score(lambda n, g: next(given), len(test_x), torch.device("cpu"), "the test split",
+                             classifier, fake_mnist, seed=0)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"score: drawing 64 samples (the test split), then scoring them with {classifier}"
+    assert s["n"] == s["n_real"] == 64 and s["fd"] == pytest.approx(0, abs=1e-6)
+    assert s["precision"] == s["recall"] == 1 and s["sampling"] == "the test split" and s["sample_seconds"] >= 0
+    assert "accuracy" not in s and f"FD {s['fd']:.2f}" in out[-1]
 
-    import ddpm
-    shutil.copy(checkpoints["ddpm"], tmp_path / "ckpt.pt")
-    ddpm.main(["--eval-only", "--out-dir", str(tmp_path), "--data-dir", fake_mnist, "--device", "cpu",
-               "--eval-images", "0", "--num-samples", "4", "--sampler", "ddim", "--sample-steps", "3", "--eta", "1",
-               "--score-samples", "20", "--classifier", classifier])
-    s = json.load(open(tmp_path / "eval.json"))["score"]
-    assert s["n"] == 20 and s["sampling"].startswith("DDIM, eta 1, 3 network calls")
+
+def test_draw_and_score_batches_seeds_and_labels(classifier, fake_mnist, capsys):
+    # 300 samples: batches of 256 and 44 from one generator seeded seed + SEED_SCORE; with labels
+    # each batch gets its slice. The label the classifier gives each image: accuracy 1; any other: 0.
+    seen, seed = [], 5
+
+    def draw(n, g, y):
+        x = torch.rand(n, 1, 28, 28, generator=g)
+        seen.append((x, y))
+        return x
+    labels = torch.arange(300) % 10
+    s = score.draw_and_score(draw, 300, torch.device("cpu"), "uniform noise", classifier, fake_mnist, seed, labels)
+    out = capsys.readouterr().out
+    assert [len(x) for x, _ in seen] == [256, 44] and torch.equal(torch.cat([y for _, y in seen]), labels)
+    expected = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(seed + score.SEED_SCORE))
+    x = torch.cat([x for x, _ in seen])
+    assert torch.equal(x, expected)
+    assert "about" in out and "min to go" in out and s["n"] == 300 and s["n_real"] == 64 and 0 <= s["accuracy"] <= 1
+    with torch.no_grad():
+        predicted = score.load_classifier(classifier, torch.device("cpu"), fake_mnist)(x).argmax(1)
+    assert score.draw_and_score(lambda n, g, y: x[:n], 300, torch.device("cpu"), "", classifier, fake_mnist, seed,
+                                predicted)["accuracy"] == 1
+    assert score.draw_and_score(lambda n, g, y: x[:n], 300, torch.device("cpu"), "", classifier, fake_mnist, seed,
+                                (predicted + 1) % 10)["accuracy"] == 0
 
 
-def test_vne_sweep_does_not_score(fake_mnist, classifier, capsys):
-    import vae_no_encoder
-    with pytest.raises(SystemExit) as e:
-        vae_no_encoder.main(["--sweep", "a", "--score-samples", "10", "--classifier", classifier])
-    assert e.value.code == 2 and "--score-samples scores the run being trained" in capsys.readouterr().err
+def test_draw_and_score_reports_diverged_samples(classifier, fake_mnist, capsys):
+    def draw(n, g):
+        x = torch.rand(n, 1, 28, 28, generator=g)
+        x[0, 0, 3, 3] = math.nan
+        return x
+    s = score.draw_and_score(draw, 10, torch.device("cpu"), "a diverged model", classifier, fake_mnist, seed=0)
+    assert s == {"n": 10, "error": "the samples have 1 NaN or infinite values"}
+    assert "score: not scored: the samples have 1 NaN" in capsys.readouterr().out
