@@ -75,28 +75,29 @@ def script_config(script, rest):
 # ---------------------------------------------------------------------------------------
 # A training step and a sampler per script, from each script's own functions
 # ---------------------------------------------------------------------------------------
-# Each builder returns a dict: net (the trained module), optimizer (the script's), loss_of(
-# model_fn, uint8 images, labels) -> per-image losses, after_step(step) (ddpm: the EMA),
-# samplers {name: draw(n)}, flops() (or None: counted here). The benchmark wraps them in the
-# same zero_grad / backward / clip / optimizer step as the script's train().
+# Each builder returns a dict: net (the trained module), step(images, labels, i) -> per-image
+# losses (one whole optimizer step, as the script's train() takes it), samplers {name: draw(n)},
+# flops() (or None: counted here on loss_of(model_fn, images, labels)).
 
 def ddpm_parts(m, config, device):
+    """ddpm.py's own training step, make_train_step, recorded as a CUDA graph by its replayable()
+    exactly as train() runs it (no second copy of the step)."""
     torch.manual_seed(config.seed)
     sched = m.make_schedule(config.schedule, config.timesteps, device)
     net = m.build_model(vars(config)).to(device)
     ema = m.build_model(vars(config)).to(device).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
-    ema_fn = m.make_model_fn(ema, device, config.amp, config.compile)
-    params, ema_params = list(net.parameters()), list(ema.parameters())
+    ema_fn = m.make_model_fn(ema, device, config.amp)
+    lr, decay = torch.tensor(config.lr, device=device), torch.tensor(0.0, device=device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **m.adam_options(device))
+    train_fn = m.make_model_fn(net, device, config.amp, config.compile)
+    train_step = m.replayable(m.make_train_step(train_fn, net, ema, opt, sched, config), device, config.compile)
     sample_steps = config.sample_steps or min(50, config.timesteps)
 
-    def loss_of(model_fn, images, labels):
-        if config.class_cond:
-            model_fn = m.with_labels(model_fn, m.drop_labels(labels, config.p_uncond))
-        return m.diffusion_loss(model_fn, sched, m.to_model_range(images), config.pred)[0]
-
-    def after_step(step):
-        m.ema_update(ema_params, params, m.ema_decay(step, config.ema_decay))
+    def step(images, labels, i):
+        lr.fill_(config.lr * min(1.0, (i + 1) / config.warmup_steps))
+        decay.fill_(m.ema_decay(i, config.ema_decay))
+        return train_step(images, labels, decay)[0]
 
     def draw(n, sampler, steps=None):
         model_fn = (m.for_labels(ema_fn, torch.arange(n, device=device) % 10, config.guidance) if config.class_cond
@@ -105,8 +106,25 @@ def ddpm_parts(m, config, device):
 
     samplers = {f"DDIM-{sample_steps}, eta {config.eta:g}": lambda n, steps=sample_steps: draw(n, "ddim", steps)}
     samplers[f"ancestral ({config.timesteps} steps)"] = lambda n, steps=None: draw(n, "ddpm")
-    return {"net": net, "optimizer": torch.optim.AdamW, "loss_of": loss_of, "after_step": after_step,
-            "samplers": samplers, "flops": lambda: m.training_flops_per_image(net, sched, config, device)}
+    return {"net": net, "step": step, "samplers": samplers,
+            "flops": lambda: m.training_flops_per_image(net, sched, config, device)}
+
+
+def plain_step(net, loss_of, optimizer, config, device, m):
+    """The zero_grad / backward / clip / optimizer step of the VAE scripts' train()."""
+    opt = optimizer(net.parameters(), lr=config.lr, fused=device.type != "mps")
+    model_fn = m.make_model_fn(net, device, config.amp, config.compile)
+    params, clip = list(net.parameters()), getattr(config, "grad_clip", None)
+
+    def step(images, labels, i):
+        loss = loss_of(model_fn, images, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return loss
+    return step
 
 
 def vae_parts(m, config, device):
@@ -114,18 +132,18 @@ def vae_parts(m, config, device):
     net = m.build_model(vars(config)).to(device)
 
     def loss_of(model_fn, images, labels):
-        x = m.to_model_data(images, config.likelihood, config.binarize)
+        x = m.likelihood_data(images, config.likelihood, config.binarize)
         eps = torch.randn(x.shape[0], config.latent_dim, device=device)
-        recon, kl = m.elbo_terms(model_fn, net, x, eps, labels if config.conditional else None)
+        recon, kl = m.elbo_terms(model_fn, net, x, eps, labels if config.class_cond else None)
         return recon + config.beta * kl
 
     @torch.no_grad()
     def draw(n, steps=None):  # decoder means of z ~ N(0, I), as vae.py's grids and scores
-        z = torch.randn((n, net.latent_dim), device=device)
-        y = torch.arange(n, device=device) % 10 if config.conditional else None
+        y = torch.arange(n, device=device) % 10 if config.class_cond else None
         with torch.autocast(device.type, torch.bfloat16, enabled=config.amp):
-            return net.mean(net.decode(z, y))
-    return {"net": net, "optimizer": torch.optim.Adam, "loss_of": loss_of, "samplers": {"decoder pass": draw}}
+            return net.sample(n, y=y)
+    return {"net": net, "loss_of": loss_of, "step": plain_step(net, loss_of, torch.optim.Adam, config, device, m),
+            "samplers": {"decoder pass": draw}}
 
 
 def vae_no_encoder_parts(m, config, device):
@@ -138,7 +156,8 @@ def vae_no_encoder_parts(m, config, device):
 
     def draw(n, steps=None):
         return m.generate(net_fn, model, n, "standard")[0]
-    return {"net": model.net, "optimizer": torch.optim.AdamW, "loss_of": loss_of, "samplers": {"decoder pass": draw}}
+    return {"net": model.net, "loss_of": loss_of,
+            "step": plain_step(model.net, loss_of, torch.optim.AdamW, config, device, m), "samplers": {"decoder pass": draw}}
 
 
 PARTS = {"ddpm": ddpm_parts, "vae": vae_parts, "vae_no_encoder": vae_no_encoder_parts}
@@ -178,29 +197,18 @@ def count_flops_per_image(net, loss_of, device, batch=2):
     return counter.get_total_flops() / batch
 
 
-def time_training(m, config, parts, device, warmup, steps, sync_debug=False):
+def time_training(config, parts, device, warmup, steps, sync_debug=False):
     """(warm-up seconds, timed seconds) of the script's optimizer step on random digits."""
-    net, loss_of, after_step = parts["net"], parts["loss_of"], parts.get("after_step")
-    opt = parts["optimizer"](net.parameters(), lr=config.lr, fused=m.fused_adam_ok(device))
-    model_fn = m.make_model_fn(net, device, config.amp, config.compile)
-    params, clip = list(net.parameters()), getattr(config, "grad_clip", None)
-    b = config.batch_size
+    b, step = config.batch_size, parts["step"]
     data = torch.randint(0, 256, (warmup + steps, b, 28, 28), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (warmup + steps, b), device=device)
-    net.train()
+    parts["net"].train()
 
     def run(first, last):
         synchronize(device)
         t0 = time.perf_counter()
         for i in range(first, last):
-            loss = loss_of(model_fn, data[i], labels[i])
-            opt.zero_grad(set_to_none=True)
-            loss.mean().backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-            if after_step:
-                after_step(i)
+            step(data[i], labels[i], i)
         synchronize(device)
         return time.perf_counter() - t0
 
@@ -250,7 +258,7 @@ def main(argv=None):
 
     flops = parts["flops"]() if "flops" in parts else count_flops_per_image(parts["net"], parts["loss_of"], device)
     with compile_mode(args.compile_mode):
-        warm, timed = time_training(m, config, parts, device, warmup, steps, args.sync_debug)
+        warm, timed = time_training(config, parts, device, warmup, steps, args.sync_debug)
     images_per_sec = steps * config.batch_size / timed
     peak = m.peak_memory_mb(device)
     peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
@@ -261,7 +269,8 @@ def main(argv=None):
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,
               "peak_flops": peak_flops, "mfu": mfu, "samplers": {}}
-    log(f"warm-up: {warmup} steps in {warm:.1f}s" + (" (torch.compile included)" if config.compile else ""))
+    log(f"warm-up: {warmup} steps in {warm:.1f}s" + (" (torch.compile and the CUDA graph recording included)"
+                                                      if config.compile else ""))
     log(f"train: {images_per_sec:,.0f} images/s | {1000 * timed / steps:.2f} ms/step over {steps} steps | "
         f"peak memory {peak:,.0f} MB | {flops / 1e9:.3f} GFLOP per image (forward + backward) | "
         + (f"MFU {100 * mfu:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s ({'bf16' if config.amp else 'TF32'})" if mfu
@@ -272,7 +281,7 @@ def main(argv=None):
             log(f"sample: {label} skipped (pass --ancestral: {config.timesteps} network calls per batch)")
             continue
         speed = time_sampler(draw, sample_n, device, warm_steps=0 if label.startswith("ancestral") else 2)
-        result["samplers"][label] = {"n": sample_n, "samples_per_sec": speed, "seconds": sample_n / speed}
+        result["samplers"][label] = {"n": sample_n, "sample_images_per_sec": speed, "seconds": sample_n / speed}
         log(f"sample: {label}: {f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} samples/s "
             f"({sample_n:,} in {sample_n / speed:.2f}s, one batch)")
     result["peak_memory_mb_with_sampling"] = m.peak_memory_mb(device)

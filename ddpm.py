@@ -8,33 +8,35 @@ steps of Gaussian noise and learns to undo one step at a time:
     closed   q(x_t | x_0)     = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_s (1 - beta_s)
     reverse  p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)           (learned: a U-Net)
 
-Training maximises a variational bound on log p(x_0); with the reverse mean written through
-a noise predictor eps_theta, the bound becomes, up to weights, the simple loss (Ho eq. 14)
+Training maximises a variational bound on log p(x_0). Written through the noise eps that made
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, the bound becomes, up to weights, a
+regression (Ho eq. 14). What this file runs by default:
 
-    L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+    - the cosine schedule of alpha_bar_t (Nichol & Dhariwal 2021),
+    - a network that predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho
+      2022), trained with the weight that makes its loss exactly the eps loss of Ho eq. 14:
+          L = E_{t, x_0, eps} alpha_bar_t || v - v_theta(x_t, t) ||^2 = E || eps - eps_theta(x_t, t) ||^2,
+    - an exponential moving average (EMA) of the weights, which draws the samples,
+    - DDIM sampling (Song et al. 2021) in 50 steps with eta = 1: every step draws fresh noise, as
+      ancestral sampling does (eta = 0 is the deterministic DDIM, one digit per starting noise).
 
-Sampling starts from x_{T-1} ~ N(0, I) and applies the reverse step T times (ancestral), or
-fewer, larger deterministic steps (DDIM, Song et al. 2021). The bound itself, evaluated on
-held-out digits, gives a likelihood in bits/dim.
+The same bound, evaluated on held-out digits, is a likelihood in bits/dim.
 
 Run:
-    python ddpm.py --epochs 100                                  # the default model (GPU: minutes)
+    python ddpm.py --epochs 100                                  # the default model (a GPU)
     python ddpm.py --data-dir ../shared/mnist --channels 16 --batch-size 32 --lr 1e-3 --minutes 10 --eval-images 0
-                                                                 # a CPU: clean digits in 10 minutes (README)
+                                                                 # a CPU: readable digits in 10 minutes
     python ddpm.py --resume --epochs 150                         # continue a run
-    torchrun --standalone --nproc_per_node=8 ddpm.py --epochs 100   # 8 GPUs (--batch-size is the global batch)
-    python ddpm.py --eval-only --eval-images 1000                # bits/dim of out/ddpm/ckpt.pt
-    python ddpm.py --eval-only --eval-images 0 --score-samples 1000   # FD of the samples (score.py)
+    python ddpm.py --eval-only --eval-images 1000                 # bits/dim of out/ddpm/ckpt.pt
 
 Writes to --out-dir (default out/ddpm): ckpt.pt (raw + EMA weights, optimizer, step, RNG),
 samples_epoch_NNN.png (from the EMA weights), metrics.json (config, losses, bits/dim, speed).
 
-Reading order: the knobs (make_parser) -> schedules -> forward process and posterior ->
-parameterisations -> loss -> samplers -> bits/dim -> EMA -> train() -> evaluate() -> main(),
-then an appendix of plumbing (command line, device, data, checkpoints, the log) that is the
-same in every script and has nothing to do with diffusion.
-Time indices are 0-based throughout: t in [0, T), x_{T-1} is (almost) pure noise and the
-data x_0 of the papers is called x0 ("x_start"), with x_t at t = 0 the first noisy version.
+Reading order: the knobs -> the data -> schedules -> forward process -> what the network
+predicts -> loss -> samplers -> the bound in bits/dim -> EMA -> the training step and train()
+-> evaluate() -> main(). Then the extensions (labels and guidance, inpainting, speed on GPUs,
+several GPUs), this script's run plumbing, and the appendix shared by every script.
+Time indices are 0-based: t in [0, T), x_{T-1} is (almost) pure noise, the data x_0 is x0.
 """
 
 import argparse
@@ -67,75 +69,60 @@ def make_parser():
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--minutes", type=positive_float, default=None,
-                   help="stop after this much training time (grids and evaluation not counted), summed over --resume")
+    g.add_argument("--minutes", type=positive_float, default=None, help="stop after this much training time, summed over --resume")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network (default: on for CUDA only)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the network (default: on for CUDA only)")
+                   help="torch.compile the network and, on CUDA, replay the training step as a CUDA graph (default: CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
     g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
-    g.add_argument("--eval-images", type=nonneg_int, default=256,
-                   help="test images for the bound in bits/dim (T network calls each; 0 skips it)")
-
+    g.add_argument("--eval-images", type=nonneg_int, default=256, help="test digits for the bound (T network calls each)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet", "shuffle"], default="resnet", help="U-Net block type")
     g.add_argument("--channels", type=positive_int, default=32, help="width of the first U-Net level")
     g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
     g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
-    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
-                   help="self-attention at the lowest resolution")
+    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True, help="self-attention at 7x7")
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=False,
-                   help="condition on the digit's label (classifier-free guidance at sampling)")
-    g.add_argument("--p-uncond", type=float, default=0.1,
-                   help="--class-cond: probability that a training label is dropped (the model then learns p(x) too)")
-
+                   help="condition on the digit's label (classifier-free guidance)")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="--class-cond: probability of dropping a training label")
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="cosine",
-                   help="cosine: with v-prediction, the linear schedule's FD in half the training time "
-                        "(FD 98 against 129 after 10 CPU minutes; README)")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default="cosine")
     g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
-    g.add_argument("--pred", choices=["eps", "x0", "v"], default="v",
-                   help="what the network predicts; v: clean digits far sooner than eps (FD 168 against 890 "
-                        "after 10 CPU minutes; README)")
+    g.add_argument("--pred", choices=["eps", "x0", "v"], default="v", help="what the network predicts")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
-
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
-                   help="DDIM (few steps), or ancestral DDPM (all T steps: a little better, 20x slower; README)")
-    g.add_argument("--sample-steps", type=positive_int, default=None,
-                   help="DDIM steps (default 50, or T if fewer); 20: 2.5x faster, the same FD on the CPU "
-                        "recipe's v + cosine model (README)")
-    g.add_argument("--eta", type=float, default=None,
-                   help="DDIM noise (default 1): 1 draws fresh noise at every step, as DDPM, and gives the best "
-                        "digits; 0 is deterministic (one noise, one digit: for interpolating between noises or "
-                        "reproducible encodings) at a price in quality: FD 54 against 37 at 50 steps with "
-                        "v-prediction, 90 against 32 with eps (README)")
-    g.add_argument("--num-samples", type=positive_int, default=64,
-                   help="images per sample grid (--class-cond: num-samples // 10 per class, one row per class)")
-    g.add_argument("--guidance", type=float, default=0.0,
-                   help="--class-cond: guidance weight w, eps = (1 + w) eps(x, y) - w eps(x); 0 is the conditional model")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="DDIM, or ancestral DDPM (all T steps)")
+    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
+    g.add_argument("--eta", type=float, default=None, help="DDIM noise (default 1, as DDPM; 0: deterministic)")
+    g.add_argument("--num-samples", type=positive_int, default=64, help="images per grid (--class-cond: a row per class)")
+    g.add_argument("--guidance", type=float, default=0.0, help="--class-cond: guidance weight w (0: the conditional model)")
     g.add_argument("--score-samples", type=nonneg_int, default=0,
-                   help="at the end (also with --eval-only): draw N samples with the sampler above and score "
-                        "them with score.py (FD, IS, precision/recall; N >= 1000 for FDs that compare); 0: off")
-    g.add_argument("--classifier", default="out/classifier/ckpt.pt",
-                   help="score.py's digit classifier, for --score-samples")
+                   help="at the end: score N samples with score.py (FD, IS, precision/recall); 0: off")
+    g.add_argument("--classifier", default="out/classifier/ckpt.pt", help="score.py's digit classifier")
     return p
 
 
-# The flags that define a trained model: a resumed or evaluated run takes them from its checkpoint.
+# The flags that define a trained model (a resumed or evaluated run takes them from its
+# checkpoint), and those that a resumed run keeps so that it continues the same run.
 MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout", "schedule", "timesteps", "pred",
               "class_cond")
+RUN_KEYS = ("seed", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "p_uncond")
 
 
 # ---------------------------------------------------------------------------------------
-# 0. The network
+# 0. The data and the network
 # ---------------------------------------------------------------------------------------
-# unet.py's U-Net: (B, 1, 28, 28) noisy image and (B,) timesteps -> (B, 1, 28, 28) prediction.
+# The pixels are 8-bit values k = 0..255; the model sees them as x = k / 127.5 - 1 in
+# [-1, 1], the range of the unit-variance noise it is mixed with.
+
+def to_model_range(images_u8):
+    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]: x = k / 127.5 - 1."""
+    return images_u8.unsqueeze(1).float() / 127.5 - 1
+
 
 def parse_channel_mult(text):
     try:
@@ -148,11 +135,12 @@ def parse_channel_mult(text):
 
 
 def build_model(config):
-    """The U-Net described by a config dict (the argparse namespace, or a checkpoint's)."""
+    """unet.py's U-Net described by a config dict (the argparse namespace, or a checkpoint's):
+    (B, 1, 28, 28) noisy image, (B,) timesteps [, (B,) labels] -> (B, 1, 28, 28) prediction."""
     return UNet(in_channels=1, out_channels=1, channels=config["channels"],
                 channel_mult=parse_channel_mult(config["channel_mult"]), num_blocks=config["num_blocks"],
                 attention=config["attention"], dropout=config["dropout"], block=config["arch"],
-                num_classes=10 if config.get("class_cond") else None)  # older checkpoints: unconditional
+                num_classes=10 if config["class_cond"] else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,9 +148,8 @@ def build_model(config):
 # ---------------------------------------------------------------------------------------
 # beta_t is the variance of the noise added at step t. All schedule math is done in float64
 # (alpha_bar is a product of 1000 numbers close to 1) and stored as float32. The default is
-# the cosine schedule: with v-prediction it reaches the linear schedule's sample quality in
-# about half the training time (README, "Training choices at 10 CPU minutes"); with
-# eps-prediction it is the other way round, another reason the default predicts v.
+# the cosine schedule: with v-prediction it reached the linear schedule's sample quality in
+# about half the training time (docs/ddpm.md); with eps-prediction it was the other way round.
 
 def linear_betas(T):
     """Ho et al. 2020: beta linear from 1e-4 to 0.02 for T = 1000.
@@ -212,9 +199,7 @@ def make_schedule(name, T, device="cpu"):
     post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
     sched = {
         "betas": betas,
-        "alphas": alphas,
         "alpha_bar": alpha_bar,
-        "alpha_bar_prev": alpha_bar_prev,
         "sqrt_alpha_bar": alpha_bar.sqrt(),
         "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
         "post_var": post_var,
@@ -257,7 +242,7 @@ def q_posterior(sched, x0, x_t, t):
 # sampler and the bound always work with (x0_hat, eps_hat). The default is v: near t = T an
 # eps-network's x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab) divides its error by
 # sqrt(ab) = 0.006, and a briefly trained one leaves many digits on a grey background; v is
-# x0 there. After 10 minutes of the CPU recipe: FD 168 with v against 890 with eps (README).
+# x0 there (after 10 CPU minutes: FD 168 with v against 890 with eps; docs/ddpm.md).
 
 def predict_x0_eps(sched, x_t, t, out, parameterization, clip=False):
     """Turn the network output into (x0_hat, eps_hat).
@@ -398,38 +383,6 @@ def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=0.0, gen
     return x
 
 
-@torch.no_grad()
-def inpaint(model_fn, sched, x0, known, parameterization, resample=1, generator=None):
-    """Fill in the unknown pixels of x0 (B,1,28,28) in [-1, 1], where known (same shape, 1 =
-    known, 0 = to fill) says which, with any trained model, no retraining: ancestral
-    sampling in which, after every reverse step, the known pixels are replaced by the forward
-    process applied to the known image at that noise level (the replacement method; Lugmayr
-    et al. 2022, eq. 8):
-
-        x_{t-1} = known * q_sample(x0, t-1) + (1 - known) * [mu_theta(x_t, t) + sigma_t z]
-
-    (at t = 0 the known pixels are x0 itself). The model only ever sees one step of the
-    known part, so the fill can disagree with it; RePaint's resampling (Lugmayr et al.,
-    Algorithm 1) repeats each step `resample` times, going back one step with the forward
-    transition x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z in between, so the fill and the
-    known pixels can harmonise. resample = 1 is the plain replacement method. T * resample
-    network calls."""
-    T, shape = sched["betas"].shape[0], x0.shape
-    noise = lambda: torch.randn(shape, device=x0.device, generator=generator)  # noqa: E731
-    x = noise()
-    for step in range(T - 1, -1, -1):
-        t = torch.full((shape[0],), step, device=x0.device, dtype=torch.long)
-        for r in range(resample):
-            mean = p_mean(sched, x, t, model_fn(x, t), parameterization)
-            unknown = mean if step == 0 else mean + at(sched["post_var"], t, x).sqrt() * noise()
-            known_part = x0 if step == 0 else q_sample(sched, x0, t - 1, noise())
-            x_prev = known * known_part + (1 - known) * unknown
-            if r + 1 < resample and step > 0:  # back to x_t, then the step again
-                x = at(1 - sched["betas"], t, x).sqrt() * x_prev + at(sched["betas"], t, x).sqrt() * noise()
-        x = x_prev
-    return x
-
-
 def sample(model_fn, sched, n, parameterization, sampler="ddim", steps=None, eta=1.0, generator=None, on_step=None,
            shape=(1, 28, 28), clip=True):
     """Draw n samples of the given shape (MNIST digits in [-1, 1] unless told) with the chosen
@@ -443,7 +396,258 @@ def sample(model_fn, sched, n, parameterization, sampler="ddim", steps=None, eta
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Conditioning on the label: classifier-free guidance
+# 6. The variational bound in bits/dim
+# ---------------------------------------------------------------------------------------
+# -log p(x_0) <= L = L_prior + sum_{t=1}^{T-1} L_t + L_0   (Ho eq. 5, 0-indexed)
+#   L_prior = KL(q(x_{T-1} | x_0) || N(0, I))                      no weights; ~0 if the schedule ends in noise
+#   L_t     = E_q KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))     Gaussian vs Gaussian, closed form
+#   L_0     = -E_q log p(x_0 | x at t=0)                            a discretized Gaussian on the 256 pixel levels
+# Each term is averaged over the 784 pixels and divided by ln 2: bits per dimension.
+# Data are the 8-bit pixel values k/127.5 - 1, k = 0..255, so the decoder assigns each the
+# probability of its bin [x - 1/255, x + 1/255] (edge bins open to +-infinity), and the bound
+# is a real upper bound on the negative log-likelihood of the discrete digits.
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def log_ndtr(x):
+    """log Phi(x), the log of the standard normal CDF. torch.special.log_ndtr has no MPS kernel
+    in many torch versions: on a Mac it is computed on the CPU and moved back."""
+    if x.device.type == "mps":
+        return torch.special.log_ndtr(x.cpu()).to(x.device)
+    return torch.special.log_ndtr(x)
+
+
+def log_normal_cdf_diff(lo, hi):
+    """log(Phi(hi) - Phi(lo)) for hi > lo, stable in both tails (Phi = standard normal CDF).
+
+    In the right tail, Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi), which keeps both CDFs small
+    and so in the range where log_ndtr is exact; then log(a - b) = log a + log(1 - b/a)."""
+    flip = lo > 0
+    a, b = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
+    log_a, log_b = log_ndtr(a), log_ndtr(b)
+    return log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-12)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_var):
+    """log P(pixel bin of x) under N(mean, e^log_var) (Ho et al. sec. 3.3, eq. 13).
+
+    x holds 8-bit values scaled to [-1, 1]; the bin of x is [x - 1/255, x + 1/255], except at
+    the edges where the bin of -1 extends to -inf and the bin of +1 to +inf, so the 256
+    probabilities sum to exactly one."""
+    inv_std = torch.exp(-0.5 * log_var)
+    lo = (x - mean - 1.0 / 255) * inv_std
+    hi = (x - mean + 1.0 / 255) * inv_std
+    log_cdf_hi = log_ndtr(hi)           # bin (-inf, x + 1/255] at x = -1
+    log_sf_lo = log_ndtr(-lo)           # bin [x - 1/255, inf)  at x = +1
+    mid = log_normal_cdf_diff(lo, hi)
+    return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_sf_lo, mid))
+
+
+@torch.no_grad()
+def vlb_bits_per_dim(model_fn, sched, x0, parameterization, generator=None):
+    """The bound L for each image of x0 (B,1,H,W) in [-1, 1]: T network calls per image.
+
+    Returns a dict of (B,) tensors: total, prior, kl (the sum of the L_t), decoder (L_0).
+    Uses the same reverse process as the sampler (x0_hat clipped to [-1, 1]): any choice of
+    mean gives a valid bound, and this one is the model that draws the samples."""
+    T = sched["betas"].shape[0]
+    B = x0.shape[0]
+    bits = 1.0 / math.log(2.0)
+
+    def per_image(nats):  # nats per pixel -> bits/dim of each image
+        return nats.mean(dim=(1, 2, 3)) * bits
+
+    # L_prior: q(x_{T-1} | x_0) = N(sqrt(ab) x_0, 1 - ab) against N(0, 1).
+    ab_last = sched["alpha_bar"][-1]
+    prior = per_image(normal_kl(ab_last.sqrt() * x0, torch.log(1 - ab_last), torch.zeros_like(x0), torch.zeros_like(x0)))
+
+    kl = torch.zeros(B, device=x0.device)
+    decoder = torch.zeros(B, device=x0.device)
+    for step in range(T - 1, -1, -1):
+        t = torch.full((B,), step, device=x0.device, dtype=torch.long)
+        x_t = q_sample(sched, x0, t, torch.randn(x0.shape, device=x0.device, generator=generator))
+        mean = p_mean(sched, x_t, t, model_fn(x_t, t), parameterization)
+        log_var = at(sched["post_log_var"], t, x0)  # the model's variance is the posterior's (clipped at t = 0)
+        if step > 0:
+            true_mean = q_posterior(sched, x0, x_t, t)[0]
+            kl += per_image(normal_kl(true_mean, log_var, mean, log_var))
+        else:
+            decoder = per_image(-discretized_gaussian_log_likelihood(x0, mean, log_var))
+    return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Exponential moving average of the weights
+# ---------------------------------------------------------------------------------------
+# Samples from an average of the recent weights are markedly cleaner than from the last
+# weights (Ho et al. use decay 0.9999). A fixed 0.9999 averages over ~10,000 steps, which
+# would leave a short run sampling from nearly-initial weights, so the decay warms up.
+
+def ema_decay(k, max_decay):
+    """Decay for the k-th update (k = 0, 1, ...): min(max_decay, 1 - (1 + k)^(-3/4)).
+    0 at k = 0 (the average starts as a copy), 0.99 after ~450 steps, 0.999 after ~10^4."""
+    return min(max_decay, 1.0 - (1.0 + k) ** -0.75)
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for every parameter in one fused call.
+    Parameters only: the schedule is not part of the network, and GroupNorm has no buffers."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Training
+# ---------------------------------------------------------------------------------------
+
+def make_train_step(model_fn, net, ema, opt, sched, args):
+    """The training step: (uint8 digits, labels, EMA decay) -> (per-image loss, t).
+
+    One step of Algorithm 1 (Ho et al.) and the EMA update. Every number it reads that changes
+    from step to step is a tensor (the digits, the labels, the decay passed in, the learning
+    rate held by the optimizer), so that a GPU can record the whole step once and replay it
+    ("Speed on GPUs" below); on a CPU it simply runs."""
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+
+    def train_step(images, labels, decay):
+        x0 = to_model_range(images)
+        fn = with_labels(model_fn, drop_labels(labels, args.p_uncond)) if args.class_cond else model_fn
+        loss, t = diffusion_loss(fn, sched, x0, args.pred)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        ema_update(ema_params, params, decay)
+        return loss.detach(), t
+    return train_step
+
+
+def train(args):
+    rank, world, device = init_distributed(setup(args))  # (0, 1, device) unless started by torchrun
+    ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + RUN_KEYS)
+    check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
+    torch.manual_seed(args.seed)
+    train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
+    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    steps_per_epoch, total_steps = run_length(args, len(train_x))
+    make_out_dir(args.out_dir)
+
+    sched = make_schedule(args.schedule, args.timesteps, device)
+    net = build_model(vars(args)).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    lr, decay = torch.tensor(args.lr, device=device), torch.tensor(0.0, device=device)  # set before each step
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **adam_options(device))
+    step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
+    opt.param_groups[0]["lr"] = lr  # (a restored optimizer brings its own copy)
+    seconds_before = ckpt["train_seconds"] if ckpt else 0.0  # for --minutes
+    if world > 1:
+        seed_rank(args.seed, rank, step)
+    train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)
+    train_step = replayable(make_train_step(train_fn, net, ema, opt, sched, args), device, args.compile and world == 1)
+    ema_fn = make_model_fn(ema, device, args.amp)  # the samplers: eager (the checkpoint stores the plain modules)
+    log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device, world))
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    meter = Meter(step, total_steps, steps_per_epoch, args.batch_size, args.log_every, device)
+    meter.note = log_extras(args, mfu_note(net, sched, args, device),
+                            lambda: 60 * args.minutes - seconds_before - meter.training_seconds())
+
+    def save():
+        if rank == 0:  # DDP: one writer
+            save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema,
+                            optimizer=opt, train_seconds=seconds_before + meter.training_seconds())
+
+    sample_speed, t_start = None, time.perf_counter()
+    net.train()
+    try:
+        while step < total_steps:
+            for images, labels in epoch_batches((train_x, train_y), step, steps_per_epoch, args.batch_size, args.seed):
+                lr.fill_(args.lr * min(1.0, (step + 1) / args.warmup_steps))  # linear warm-up
+                decay.fill_(ema_decay(step, args.ema_decay))
+                loss, t = train_step(images.tensor_split(world)[rank], labels.tensor_split(world)[rank], decay)  # DDP: a share
+                step += 1
+                meter.add("loss", loss)
+                meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)  # t in [0, T/4), ...
+                if args.minutes and any_rank(seconds_before + meter.training_seconds() >= 60 * args.minutes, world, device):
+                    total_steps = meter.total = step  # the time budget is spent: this step was the last
+                meter.tick(step)
+                if step >= total_steps:
+                    break
+            with meter.paused():  # a grid every --sample-every epochs and at the end, then the checkpoint
+                epoch, done = divmod(step, steps_per_epoch)
+                if rank == 0 and ((done == 0 and epoch % args.sample_every == 0) or step >= total_steps):
+                    name = f"samples_epoch_{epoch:03d}" if done == 0 else f"samples_step_{step:06d}"  # a mid-epoch stop
+                    sample_speed = save_grid(ema_fn, sched, args, device, os.path.join(args.out_dir, name + ".png"))
+                save()
+    except KeyboardInterrupt:
+        save()
+        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
+        sys.exit(130)
+    if rank == 0:
+        finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
+               seconds_before + meter.training_seconds(), sample_speed, sum(p.numel() for p in net.parameters()))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Evaluation and main
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model_fn, sched, test_x, test_y, args, device):
+    """Held-out metrics: the loss on the whole test split (cheap) and the bound in bits/dim on
+    the first --eval-images test digits (T network calls each). With --class-cond both are of
+    p(x | y) with the true labels, and the bound also of p(x): the same network with the label
+    dropped. Since p(x) = sum_y p(y) p(x | y) >= p(y) p(x | y) with p(y) ~ 1/10,
+    -log p(x | y) >= -log p(x) - log 10, i.e. at most log2(10) / 784 = 0.0042 bits/dim less."""
+    batch = max(args.batch_size, 256)
+
+    def fn(i, j):  # the model_fn for the test digits i .. j - 1
+        return with_labels(model_fn, test_y[i:j]) if args.class_cond else model_fn
+
+    gen = torch.Generator(device=device).manual_seed(args.seed + SEED_EVAL)
+    losses = [diffusion_loss(fn(i, i + batch), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
+              for i in range(0, len(test_x), batch)]
+    metrics = {"test_loss": torch.cat(losses).mean().item()}
+    n = min(args.eval_images, len(test_x))
+    if n == 0:
+        return metrics
+    bounds = {"": fn, "_uncond": lambda i, j: model_fn} if args.class_cond else {"": fn}
+    log(f"bound: {n} test images x {args.timesteps} timesteps x {len(bounds)} = {n * args.timesteps * len(bounds):,} "
+        f"network calls (--eval-images sets how many)")
+    for suffix, fn_at in bounds.items():
+        t0, gen = time.perf_counter(), torch.Generator(device=device).manual_seed(args.seed + SEED_EVAL)  # same noise
+        parts = [vlb_bits_per_dim(fn_at(i, min(i + batch, n)), sched, to_model_range(test_x[i:min(i + batch, n)]),
+                                  args.pred, gen) for i in range(0, n, batch)]
+        for key in ("total", "prior", "kl", "decoder"):
+            metrics[f"test_bpd{suffix}" + ("" if key == "total" else f"_{key}")] = torch.cat([p[key] for p in parts]).mean().item()
+        what = " of -log p(x | y)" if suffix == "" and args.class_cond else " of -log p(x), label dropped" if suffix else ""
+        log(f"bound{what}: {metrics[f'test_bpd{suffix}']:.4f} bits/dim (prior {metrics[f'test_bpd{suffix}_prior']:.5f}, "
+            f"diffusion KLs {metrics[f'test_bpd{suffix}_kl']:.4f}, decoder {metrics[f'test_bpd{suffix}_decoder']:.4f}) "
+            f"in {time.perf_counter() - t0:.1f}s")
+    metrics["test_bpd_images"] = n
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.eval_only:
+        eval_only(args)
+    else:
+        train(args)
+
+
+# =======================================================================================
+# Extensions: what builds on the story
+# =======================================================================================
+
+
+# ---------------------------------------------------------------------------------------
+# A. Conditioning on the label: classifier-free guidance
 # ---------------------------------------------------------------------------------------
 # With --class-cond the U-Net also takes the label y (an embedding added to the time
 # embedding). During training each label is replaced by the "no label" index with
@@ -493,277 +697,110 @@ def for_labels(model_fn, y, w):
 
 
 # ---------------------------------------------------------------------------------------
-# 7. The variational bound in bits/dim
+# B. Inpainting: fill in the missing part of a digit with any trained model
 # ---------------------------------------------------------------------------------------
-# -log p(x_0) <= L = L_prior + sum_{t=1}^{T-1} L_t + L_0   (Ho eq. 5, 0-indexed)
-#   L_prior = KL(q(x_{T-1} | x_0) || N(0, I))                      no weights; ~0 if the schedule ends in noise
-#   L_t     = E_q KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))     Gaussian vs Gaussian, closed form
-#   L_0     = -E_q log p(x_0 | x at t=0)                            a discretized Gaussian on the 256 pixel levels
-# Each term is averaged over the 784 pixels and divided by ln 2: bits per dimension.
-# Data are the 8-bit pixel values k/127.5 - 1, k = 0..255, so the decoder assigns each the
-# probability of its bin [x - 1/255, x + 1/255] (edge bins open to +-infinity), and the bound
-# is a real upper bound on the negative log-likelihood of the discrete digits.
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def log_normal_cdf_diff(lo, hi):
-    """log(Phi(hi) - Phi(lo)) for hi > lo, stable in both tails (Phi = standard normal CDF).
-
-    In the right tail, Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi), which keeps both CDFs small
-    and so in the range where log_ndtr is exact; then log(a - b) = log a + log(1 - b/a)."""
-    flip = lo > 0
-    a, b = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
-    log_a, log_b = log_ndtr(a), log_ndtr(b)
-    return log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-12)))
-
-
-def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log P(pixel bin of x) under N(mean, e^(2 log_scale)) (Ho et al. sec. 3.3, eq. 13).
-
-    x holds 8-bit values scaled to [-1, 1]; the bin of x is [x - 1/255, x + 1/255], except at
-    the edges where the bin of -1 extends to -inf and the bin of +1 to +inf, so the 256
-    probabilities sum to exactly one."""
-    inv_scale = torch.exp(-log_scale)
-    lo = (x - mean - 1.0 / 255) * inv_scale
-    hi = (x - mean + 1.0 / 255) * inv_scale
-    log_cdf_hi = log_ndtr(hi)           # bin (-inf, x + 1/255] at x = -1
-    log_sf_lo = log_ndtr(-lo)           # bin [x - 1/255, inf)  at x = +1
-    mid = log_normal_cdf_diff(lo, hi)
-    return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_sf_lo, mid))
-
 
 @torch.no_grad()
-def vlb_bits_per_dim(model_fn, sched, x0, parameterization, generator=None):
-    """The bound L for each image of x0 (B,1,H,W) in [-1, 1]: T network calls per image.
+def inpaint(model_fn, sched, x0, known, parameterization, resample=1, generator=None):
+    """Fill in the unknown pixels of x0 (B,1,28,28) in [-1, 1], where known (same shape, 1 =
+    known, 0 = to fill) says which, with any trained model, no retraining: ancestral
+    sampling in which, after every reverse step, the known pixels are replaced by the forward
+    process applied to the known image at that noise level (the replacement method; Lugmayr
+    et al. 2022, eq. 8):
 
-    Returns a dict of (B,) tensors: total, prior, kl (the sum of the L_t), decoder (L_0).
-    Uses the same reverse process as the sampler (x0_hat clipped to [-1, 1]): any choice of
-    mean gives a valid bound, and this one is the model that draws the samples."""
-    T = sched["betas"].shape[0]
-    B = x0.shape[0]
-    bits = 1.0 / math.log(2.0)
+        x_{t-1} = known * q_sample(x0, t-1) + (1 - known) * [mu_theta(x_t, t) + sigma_t z]
 
-    def per_image(nats):  # nats per pixel -> bits/dim of each image
-        return nats.mean(dim=(1, 2, 3)) * bits
-
-    # L_prior: q(x_{T-1} | x_0) = N(sqrt(ab) x_0, 1 - ab) against N(0, 1).
-    ab_last = sched["alpha_bar"][-1]
-    prior = per_image(normal_kl(ab_last.sqrt() * x0, torch.log(1 - ab_last), torch.zeros_like(x0), torch.zeros_like(x0)))
-
-    kl = torch.zeros(B, device=x0.device)
-    decoder = torch.zeros(B, device=x0.device)
+    (at t = 0 the known pixels are x0 itself). The model only ever sees one step of the
+    known part, so the fill can disagree with it; RePaint's resampling (Lugmayr et al.,
+    Algorithm 1) repeats each step `resample` times, going back one step with the forward
+    transition x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z in between, so the fill and the
+    known pixels can harmonise. resample = 1 is the plain replacement method. T * resample
+    network calls."""
+    T, shape = sched["betas"].shape[0], x0.shape
+    noise = lambda: torch.randn(shape, device=x0.device, generator=generator)  # noqa: E731
+    x = noise()
     for step in range(T - 1, -1, -1):
-        t = torch.full((B,), step, device=x0.device, dtype=torch.long)
-        x_t = q_sample(sched, x0, t, torch.randn(x0.shape, device=x0.device, generator=generator))
-        mean = p_mean(sched, x_t, t, model_fn(x_t, t), parameterization)
-        log_var = at(sched["post_log_var"], t, x0)  # the model's variance is the posterior's (clipped at t = 0)
-        if step > 0:
-            true_mean = q_posterior(sched, x0, x_t, t)[0]
-            kl += per_image(normal_kl(true_mean, log_var, mean, log_var))
-        else:
-            decoder = per_image(-discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
-    return {"total": prior + kl + decoder, "prior": prior, "kl": kl, "decoder": decoder}
+        t = torch.full((shape[0],), step, device=x0.device, dtype=torch.long)
+        for r in range(resample):
+            mean = p_mean(sched, x, t, model_fn(x, t), parameterization)
+            unknown = mean if step == 0 else mean + at(sched["post_var"], t, x).sqrt() * noise()
+            known_part = x0 if step == 0 else q_sample(sched, x0, t - 1, noise())
+            x_prev = known * known_part + (1 - known) * unknown
+            if r + 1 < resample and step > 0:  # back to x_t, then the step again
+                x = at(1 - sched["betas"], t, x).sqrt() * x_prev + at(sched["betas"], t, x).sqrt() * noise()
+        x = x_prev
+    return x
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Exponential moving average of the weights
+# C. Speed on GPUs: the training step as one recorded unit, and the MFU in the log
 # ---------------------------------------------------------------------------------------
-# Samples from an average of the recent weights are markedly cleaner than from the last
-# weights (Ho et al. use decay 0.9999). A fixed 0.9999 averages over ~10,000 steps, which
-# would leave a short run sampling from nearly-initial weights, so the decay warms up.
+# On a GPU this 1.7M-parameter U-Net is host-bound: one eager training step launches about
+# 2,500 small kernels at ~7.6 us of Python and driver time each, while the kernels themselves
+# take about a quarter of the step (H200, batch 256: 47 ms a step, 13 ms of it kernels;
+# torch.compile alone changed nothing, CUDA graphs of the network alone gave 5x; measured
+# 2026-11-30, issue 21). A CUDA graph records every kernel of one step, the optimizer and the
+# EMA included, and replays them all with one call. What a replay needs: the same shapes
+# every step (full batches: run_length), inputs copied into the tensors that were recorded,
+# and no number that changes from step to step baked into the recording (the learning rate
+# and the EMA decay are device tensors; the optimizer is "capturable").
 
-def ema_decay(k, max_decay):
-    """Decay for the k-th update (k = 0, 1, ...): min(max_decay, 1 - (1 + k)^(-3/4)).
-    0 at k = 0 (the average starts as a copy), 0.99 after ~450 steps, 0.999 after ~10^4."""
-    return min(max_decay, 1.0 - (1.0 + k) ** -0.75)
-
-
-@torch.no_grad()
-def ema_update(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, for every parameter in one fused call.
-    Parameters only: the schedule is not part of the network, and GroupNorm has no buffers."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+def adam_options(device):
+    """AdamW's fused kernel where it exists, capturable (state and learning rate on the device) on CUDA."""
+    return {"fused": device.type in ("cuda", "cpu"), "capturable": device.type == "cuda"}  # fused on CPU: torch >= 2.4
 
 
-# ---------------------------------------------------------------------------------------
-# 9. Training
-# ---------------------------------------------------------------------------------------
+def replayable(train_step, device, enabled, warmup=3):
+    """train_step, on CUDA (if enabled) recorded as a CUDA graph after `warmup` eager steps and
+    replayed from then on (PyTorch's CUDA semantics notes, "whole-network capture"). The warm-up
+    steps are real training steps; they run on a side stream, as the recording must, and create
+    what a recording cannot (optimizer state, cuDNN plans, compiled kernels). If the recording
+    fails (an older torch, an op that cannot be captured), one line says so and the step runs
+    eagerly from then on. Elsewhere: train_step itself."""
+    if not enabled or device.type != "cuda":
+        return train_step
+    torch.backends.cudnn.benchmark = True  # eager: 51.3 -> 47.2 ms a step on the H200 (issue 21)
+    torch._dynamo.config.suppress_errors = True  # a network that fails to compile runs eagerly
+    state = {"calls": 0, "graph": None}
 
-def train(args):
-    rank, world, device = init_distributed(setup(args))  # (0, 1, device) unless started by torchrun
-    ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps", "grad_clip",
-                                                       "ema_decay", "p_uncond"))
-    check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
-    torch.manual_seed(args.seed)
-    train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
-    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
-    train_data = torch.cat([train_x.flatten(1), train_y[:, None].to(torch.uint8)], 1)  # a row: 784 pixels, label
-    steps_per_epoch, total_steps = run_length(args, len(train_x))
-    make_out_dir(args.out_dir)
-
-    sched = make_schedule(args.schedule, args.timesteps, device)
-    net = build_model(vars(args)).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
-    step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
-    if world > 1:
-        seed_rank(args, rank, step)
-    seconds_before = ckpt.get("train_seconds", 0.0) if ckpt else 0.0  # for --minutes
-    params, ema_params = list(net.parameters()), list(ema.parameters())
-    mfu = mfu_note(net, sched, args, device)  # None but on a known GPU
-    train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)  # the checkpoint
-    ema_fn = make_model_fn(ema, device, args.amp, args.compile)  # stores the plain modules; the EMA only infers
-    log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device, world))
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-
-    def train_seconds():
-        return seconds_before + meter.training_seconds()
-
-    def save():
-        if rank == 0:  # DDP: one writer
-            save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema,
-                            optimizer=opt, train_seconds=train_seconds())
-
-    meter = Meter(step, total_steps, steps_per_epoch, args, device,  # it logs rank 0's share of the batch
-                  budget_s=60 * args.minutes - seconds_before if args.minutes else None, note=mfu)
-    sample_speed, t_start = None, time.perf_counter()
-    net.train()
-    try:
-        while step < total_steps:
-            for batch in epoch_batches(train_data, step, steps_per_epoch, args):
-                for group in opt.param_groups:  # linear warm-up of the learning rate
-                    group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-                batch = batch.tensor_split(world)[rank]  # DDP: this rank's share of the global batch
-                images, labels = batch[:, :784].view(-1, 28, 28), batch[:, 784].long()
-                model_fn = with_labels(train_fn, drop_labels(labels, args.p_uncond)) if args.class_cond else train_fn
-                loss, t = diffusion_loss(model_fn, sched, to_model_range(images), args.pred)
-                opt.zero_grad(set_to_none=True)
-                loss.mean().backward()
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                opt.step()
-                ema_update(ema_params, params, ema_decay(step, args.ema_decay))
-                step += 1
-                if args.minutes and any_rank(train_seconds() >= 60 * args.minutes, world, device):
-                    total_steps = meter.total = step  # the time budget is spent: this step was the last
-                meter.add("loss", loss)
-                meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)  # t in [0, T/4), ...
-                meter.tick(step)
-                if step >= total_steps:
-                    break
-            with meter.paused():  # a grid every --sample-every epochs and at the end, then the checkpoint
-                if rank == 0 and ((step % steps_per_epoch == 0 and step // steps_per_epoch % args.sample_every == 0)
-                                  or step >= total_steps):
-                    name = (f"samples_epoch_{step // steps_per_epoch:03d}" if step % steps_per_epoch == 0
-                            else f"samples_step_{step:06d}")  # stopped mid-epoch (--max-steps, --minutes)
-                    path = os.path.join(args.out_dir, name + ".png")
-                    sample_speed = save_grid(ema_fn, sched, args, device, path)
-                    log(f"wrote {path} ({args.sampler}, {args.num_samples / sample_speed:.1f}s)")
-                save()
-    except KeyboardInterrupt:
-        save()
-        log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
-        sys.exit(130)
-
-    if rank == 0:
-        finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
-               train_seconds(), sample_speed, sum(p.numel() for p in params))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    def run(*inputs):
+        if state["graph"] is None and state["calls"] < warmup:
+            state["calls"], state.setdefault("t0", time.perf_counter())
+            state["calls"] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = train_step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if state["graph"] is None:
+            try:
+                state["inputs"], state["graph"] = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
+                torch.set_autocast_cache_enabled(False)  # a recording cannot reuse casts made outside it
+                with torch.cuda.graph(state["graph"]):
+                    state["outputs"] = train_step(*state["inputs"])
+                log(f"{warmup} eager steps (torch.compile, if on) and the recording of the step as a CUDA graph: "
+                    f"{time.perf_counter() - state['t0']:.1f}s")
+            except Exception as e:  # never worse than today: the eager step
+                state["graph"] = False
+                log(f"could not record the training step as a CUDA graph ({type(e).__name__}: {str(e)[:120]}); "
+                    f"training with the eager step")
+            finally:
+                torch.set_autocast_cache_enabled(True)
+        if state["graph"] is False:
+            return train_step(*inputs)
+        for static, x in zip(state["inputs"], inputs):
+            static.copy_(x)
+        state["graph"].replay()
+        return state["outputs"]  # overwritten by the next replay: read (or queue a read) before it
+    return run
 
 
-def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, train_seconds, sample_speed,
-           n_params):
-    """The end of a run: held-out metrics of the EMA weights, metrics.json and a summary line."""
-    images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_seconds": train_seconds,
-               "train_loss": meter.last.get("loss", math.nan), "train_images_per_sec": images_per_sec,
-               "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec,
-               "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
-               "parameters": n_params}
-    metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
-    if args.score_samples:
-        metrics["score"] = score_ema(ema_fn, sched, args, device, sample_speed)
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
-    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
-    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {metrics['train_loss']:.4f} | test loss "
-        f"{metrics['test_loss']:.4f}" + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
-        + (f" (label dropped: {metrics['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in metrics else "")
-        + (f" | FD {metrics['score']['fd']:.2f} (N={args.score_samples})" if "fd" in metrics.get("score", {}) else "")
-        + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
-
-
-def run_description(args, net, n_train, steps_per_epoch, total_steps, device, world):
-    """The first log line: the model, the data and the run length, the hardware."""
-    return (f"ddpm: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} "
-            f"schedule, T={args.timesteps}, pred={args.pred}"
-            + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
-            + f" | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
-            + f" | device {device.type}" + (f" x {world} processes ({args.batch_size // world} images each)" if world > 1 else "")
-            + f", compile={args.compile}, amp={args.amp}"
-            + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
-
-
-def to_model_range(images_u8):
-    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]: x = k / 127.5 - 1."""
-    return images_u8.unsqueeze(1).float() / 127.5 - 1
-
-
-def save_grid(model_fn, sched, args, device, path):
-    """Sample a grid with a fixed generator (the same noise every epoch, so grids compare),
-    write it, and return the sampling speed in images/s. --class-cond: one row per class 0..9
-    of num_samples // 10 samples each, guided with --guidance."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    n, nrow = args.num_samples, int(math.ceil(math.sqrt(args.num_samples)))
-    if args.class_cond:
-        nrow = max(1, args.num_samples // 10)
-        n, model_fn = 10 * nrow, for_labels(model_fn, torch.arange(10, device=device).repeat_interleave(nrow), args.guidance)
-    t0 = time.perf_counter()
-    x = sample(model_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, gen).cpu()
-    speed = n / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
-    save_image((x + 1) / 2, path, nrow=nrow)
-    return speed
-
-
-def check_guidance(args):
-    """--guidance needs a class-conditional model; a resumed or evaluated one says which it is."""
-    if args.guidance and not args.class_cond:
-        fail(f"--guidance applies to a --class-cond model; {os.path.join(args.out_dir, 'ckpt.pt')} is unconditional")
-
-
-def sampler_cost(args):
-    """The sampler of the grids in words, with its network calls per sample."""
-    guidance = f", guidance w = {args.guidance:g} (a doubled batch)" if args.class_cond and args.guidance else ""
-    calls = (args.timesteps if args.sampler == "ddpm" else args.sample_steps or min(50, args.timesteps)) * (2 if guidance else 1)
-    if args.sampler == "ddpm":
-        return f"ancestral{guidance}, {calls} network calls per sample"
-    return f"DDIM, eta {args.eta:g}{guidance}, {calls} network calls per sample"
-
-
-def score_ema(ema_fn, sched, args, device, sample_speed=None):
-    """--score-samples N: N samples from the EMA weights with the grids' sampler, scored by score.py."""
-    cost = sampler_cost(args) + (f"; about {args.score_samples / sample_speed / 60:.1f} min at the grids' speed"
-                                 if sample_speed else "")
-
-    def draw(n, gen, y=None):  # [-1, 1] -> [0, 1]; --class-cond: the classes y, the same number of each
-        model_fn = for_labels(ema_fn, y.to(device), args.guidance) if args.class_cond else ema_fn
-        return (sample(model_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, gen) + 1) / 2
-    labels = torch.arange(args.score_samples) % 10 if args.class_cond else None
-    return draw_and_score(args, draw, device, cost, labels)
-
-
-# ---------------------------------------------------------------------------------------
-# 10. Speed on GPUs: model FLOPs utilisation, and several GPUs with torchrun
-# ---------------------------------------------------------------------------------------
 # MFU = (model FLOPs per training image) x (images/s) / (the device's peak FLOP/s), the
 # fraction of the hardware's arithmetic that goes into the model (Chowdhery et al. 2022,
-# appendix B; nanoGPT logs it). The FLOPs are counted once, by torch's FlopCounterMode, on
-# one loss forward and backward; the optimizer and the EMA are O(parameters), not O(images),
-# and left out. Peaks are the data sheets' dense figures: bf16 under --amp, else TF32 (the
-# tensor-core format fp32 matmuls use here, since TF32 is on).
+# appendix B; nanoGPT logs it). The FLOPs are counted once by torch's FlopCounterMode on one
+# loss forward and backward; the optimizer and the EMA are O(parameters) and left out. Peaks
+# are the data sheets' dense figures: bf16 under --amp, else TF32 (fp32 matmuls use it here).
 
 PEAK_TFLOPS = {  # name as torch.cuda.get_device_name() has it: (bf16, tf32) dense TFLOP/s; first match wins
     "H100 PCIe": (756, 378), "H100 NVL": (835, 418), "H100": (989, 495), "H200": (989, 495), "GH200": (989, 495),
@@ -804,16 +841,19 @@ def mfu_note(net, sched, args, device):
     return lambda images_per_sec: f"MFU {100 * flops * images_per_sec / peak:.1f}%"
 
 
-# Data parallelism: `torchrun --standalone --nproc_per_node=N ddpm.py ...` starts N copies of
-# this script, one per GPU, and sets RANK, LOCAL_RANK and WORLD_SIZE (nanoGPT's pattern). Each
-# takes its N-th of every global batch of --batch-size digits, draws its own noise and
-# timesteps, and DistributedDataParallel averages the gradients in backward(), so every rank
-# takes the same optimizer step and holds the same weights (and EMA): N GPUs train on the same
-# batches as one, N times faster. Rank 0 alone writes the log, grids, checkpoints and metrics.
+# ---------------------------------------------------------------------------------------
+# D. Several GPUs: torchrun
+# ---------------------------------------------------------------------------------------
+# `torchrun --standalone --nproc_per_node=N ddpm.py ...` starts N copies of this script, one
+# per GPU, and sets RANK, LOCAL_RANK and WORLD_SIZE (nanoGPT's pattern). Each takes its N-th
+# of every global batch of --batch-size digits, draws its own noise and timesteps, and
+# DistributedDataParallel averages the gradients in backward(), so every rank takes the same
+# optimizer step and holds the same weights (and EMA). Rank 0 alone writes the log, grids,
+# checkpoints and metrics. (The step is not recorded as a CUDA graph under DDP.)
 
 def init_distributed(device):
     """(rank, world size, device). Under torchrun: one process group (nccl on CUDA, gloo on the
-    CPU), rank r on GPU LOCAL_RANK. A plain `python ddpm.py`: (0, 1, device), nothing changes."""
+    CPU), rank r on GPU LOCAL_RANK, and ranks other than 0 print nothing. Else (0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
     import torch.distributed as dist
@@ -823,6 +863,8 @@ def init_distributed(device):
     elif device.type != "cpu":
         fail(f"torchrun runs on CUDA (nccl) or the CPU (gloo), not on {device.type}")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all (errors still reach stderr)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -835,10 +877,10 @@ def data_parallel(net, world, device):
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def seed_rank(args, rank, step):
-    """DDP: each rank its own noise and timesteps (the same draws on every rank would waste the
-    extra GPUs), from (seed, rank, step), so that a resumed run is reproducible as well."""
-    torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]))
+def seed_rank(seed, rank, step):
+    """Each rank its own noise and timesteps (the same draws on every rank would waste the extra
+    GPUs), from (seed, rank, step), so that a resumed run is reproducible as well."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
 def any_rank(flag, world, device):
@@ -852,44 +894,43 @@ def any_rank(flag, world, device):
     return flags.item() > 0
 
 
-# ---------------------------------------------------------------------------------------
-# 11. Evaluation and main
-# ---------------------------------------------------------------------------------------
+# =======================================================================================
+# Run plumbing of this script: checks, evaluation of a checkpoint, the end of a run, grids
+# =======================================================================================
 
-@torch.no_grad()
-def evaluate(model_fn, sched, test_x, test_y, args, device):
-    """Held-out metrics: the simple loss on the whole test split (cheap) and the bound in
-    bits/dim on the first --eval-images test digits (T network calls each). With --class-cond
-    both are of p(x | y) with the true labels, and the bound also of p(x): the same network
-    with the label dropped. Since p(x) = sum_y p(y) p(x | y) >= p(y) p(x | y) with p(y) ~ 1/10,
-    -log p(x | y) >= -log p(x) - log 10, i.e. at most log2(10) / 784 = 0.0042 bits/dim less."""
-    batch = max(args.batch_size, 256)
+def check_args(args):
+    """The checks no single argparse type can make."""
+    try:
+        parse_channel_mult(args.channel_mult)
+    except ValueError as e:
+        fail(str(e))
+    for name in ("ema_decay", "dropout", "p_uncond"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
+        fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
+    if args.sample_steps is not None and args.sample_steps > args.timesteps:
+        fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
+    args.eta = 1.0 if args.eta is None else args.eta
+    if args.eta < 0:
+        fail(f"--eta must be >= 0, got {args.eta}")
+    if args.guidance and not args.class_cond and not (args.eval_only or args.resume):  # those read it from the checkpoint
+        fail("--guidance applies to a --class-cond model")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} (the global batch) does not split evenly over {world} processes")
+    if args.score_samples:
+        try:
+            import score
+        except ImportError:
+            fail("--score-samples needs score.py, this project's sample scorer, beside this script")
+        score.check_classifier(args.classifier, args.data_dir)
 
-    def fn(i, j):  # the model_fn for the test digits i .. j - 1
-        return with_labels(model_fn, test_y[i:j]) if args.class_cond else model_fn
 
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
-    losses = [diffusion_loss(fn(i, i + batch), sched, to_model_range(test_x[i:i + batch]), args.pred, gen)[0]
-              for i in range(0, len(test_x), batch)]
-    metrics = {"test_loss": torch.cat(losses).mean().item()}
-    n = min(args.eval_images, len(test_x))
-    if n == 0:
-        return metrics
-    bounds = {"": fn, "_uncond": lambda i, j: model_fn} if args.class_cond else {"": fn}
-    log(f"bound: {n} test images x {args.timesteps} timesteps x {len(bounds)} = {n * args.timesteps * len(bounds):,} "
-        f"network calls (--eval-images sets how many)")
-    for suffix, fn_at in bounds.items():
-        t0, gen = time.perf_counter(), torch.Generator(device=device).manual_seed(args.seed + 2)  # the same noise
-        parts = [vlb_bits_per_dim(fn_at(i, min(i + batch, n)), sched, to_model_range(test_x[i:min(i + batch, n)]),
-                                  args.pred, gen) for i in range(0, n, batch)]
-        for key in ("total", "prior", "kl", "decoder"):
-            metrics[f"test_bpd{suffix}" + ("" if key == "total" else f"_{key}")] = torch.cat([p[key] for p in parts]).mean().item()
-        what = " of -log p(x | y)" if suffix == "" and args.class_cond else " of -log p(x), label dropped" if suffix else ""
-        log(f"bound{what}: {metrics[f'test_bpd{suffix}']:.4f} bits/dim (prior {metrics[f'test_bpd{suffix}_prior']:.5f}, "
-            f"diffusion KLs {metrics[f'test_bpd{suffix}_kl']:.4f}, decoder {metrics[f'test_bpd{suffix}_decoder']:.4f}) "
-            f"in {time.perf_counter() - t0:.1f}s")
-    metrics["test_bpd_images"] = n
-    return metrics
+def check_guidance(args):
+    """--guidance needs a class-conditional model; a resumed or evaluated one says which it is."""
+    if args.guidance and not args.class_cond:
+        fail(f"--guidance applies to a --class-cond model; {os.path.join(args.out_dir, 'ckpt.pt')} is unconditional")
 
 
 def eval_only(args):
@@ -898,40 +939,115 @@ def eval_only(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "ddpm")
     for key in MODEL_KEYS + ("seed",):
-        setattr(args, key, ckpt["config"].get(key, False))  # class_cond: False in older checkpoints
+        setattr(args, key, ckpt["config"][key])
     check_guidance(args)
     sched = make_schedule(args.schedule, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
-    ema_fn = make_model_fn(ema, device, args.amp, args.compile)
+    ema_fn = make_model_fn(ema, device, args.amp)
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
     metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
     path = os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png")
     metrics["sample_images_per_sec"] = save_grid(ema_fn, sched, args, device, path)
-    log(f"test loss {metrics['test_loss']:.4f} | wrote {path} at {metrics['sample_images_per_sec']:.1f} img/s")
     if args.score_samples:
-        metrics["score"] = score_ema(ema_fn, sched, args, device, metrics["sample_images_per_sec"])
+        metrics["score"] = score_run(ema_fn, sched, args, device, metrics["sample_images_per_sec"])
     write_json(metrics, os.path.join(args.out_dir, "eval.json"))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.eval_only:
-        eval_only(args)
-    else:
-        train(args)
+def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, train_seconds, sample_speed,
+           n_params):
+    """The end of a run: held-out metrics of the EMA weights, metrics.json and a summary line."""
+    images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
+    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_seconds": train_seconds,
+               "train_loss": meter.last.get("loss", math.nan), "train_images_per_sec": images_per_sec,
+               "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
+               "parameters": n_params}
+    metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
+    if args.score_samples:
+        metrics["score"] = score_run(ema_fn, sched, args, device, sample_speed)
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {metrics['train_loss']:.4f} | test loss "
+        f"{metrics['test_loss']:.4f}" + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
+        + (f" (label dropped: {metrics['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in metrics else "")
+        + (f" | FD {metrics['score']['fd']:.2f} (N={args.score_samples})" if "fd" in metrics.get("score", {}) else "")
+        + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
 
 
-# =======================================================================================
-# Appendix: plumbing. Nothing below this line is about the model.
-# =======================================================================================
-# The same helpers, in the same order, close every training script of this project: the
-# command line, device and precision, data, random state and checkpoints, the log.
+def run_description(args, net, n_train, steps_per_epoch, total_steps, device, world):
+    """The first log line: the model, the data and the run length, the hardware."""
+    return (f"ddpm: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} "
+            f"schedule, T={args.timesteps}, pred={args.pred}"
+            + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
+            + f" | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
+            + f" | device {device.type}" + (f" x {world} processes ({args.batch_size // world} images each)" if world > 1 else "")
+            + f", compile={args.compile}, amp={args.amp}"
+            + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
 
 
-CKPT_VERSION = 1
+def log_extras(args, mfu, seconds_left):
+    """The log line's extra figures: the MFU on a GPU of the table, the time left of --minutes."""
+    if mfu is None and not args.minutes:
+        return None
+    return lambda speed: " | ".join(([mfu(speed)] if mfu else [])
+                                    + ([f"{max(0.0, seconds_left()) / 60:.1f} min left of --minutes"] if args.minutes else []))
+
+
+def draw(model_fn, sched, n, args, generator, labels=None):
+    """n digits in [0, 1] with the run's sampler; with labels (n classes), of those classes."""
+    if labels is not None:
+        model_fn = for_labels(model_fn, labels, args.guidance)
+    x = sample(model_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, generator)
+    return (x + 1) / 2
+
+
+def save_grid(model_fn, sched, args, device, path):
+    """Sample a grid with a fixed generator (the same noise every epoch, so grids compare),
+    write it, and return the sampling speed in images/s. --class-cond: one row per class 0..9
+    of num_samples // 10 samples each, guided with --guidance."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + SEED_GRID)
+    n, nrow, labels = args.num_samples, int(math.ceil(math.sqrt(args.num_samples))), None
+    if args.class_cond:
+        nrow = max(1, args.num_samples // 10)
+        n, labels = 10 * nrow, torch.arange(10, device=device).repeat_interleave(nrow)
+    t0 = time.perf_counter()
+    x = draw(model_fn, sched, n, args, gen, labels).cpu()
+    speed = n / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
+    save_image(x, path, nrow=nrow)
+    log(f"wrote {path} ({args.sampler}, {n / speed:.1f}s)")
+    return speed
+
+
+def sampler_cost(args):
+    """The sampler of the grids in words, with its network calls per sample."""
+    guidance = f", guidance w = {args.guidance:g} (a doubled batch)" if args.class_cond and args.guidance else ""
+    calls = (args.timesteps if args.sampler == "ddpm" else args.sample_steps or min(50, args.timesteps)) * (2 if guidance else 1)
+    if args.sampler == "ddpm":
+        return f"ancestral{guidance}, {calls} network calls per sample"
+    return f"DDIM, eta {args.eta:g}{guidance}, {calls} network calls per sample"
+
+
+def score_run(ema_fn, sched, args, device, sample_speed=None):
+    """--score-samples N: N samples from the EMA weights with the grids' sampler, scored by score.py
+    (--class-cond: the same number of each class, and the classifier's accuracy on them)."""
+    import score
+    cost = sampler_cost(args) + (f"; about {args.score_samples / sample_speed / 60:.1f} min at the grids' speed"
+                                 if sample_speed else "")
+    labels = torch.arange(args.score_samples) % 10 if args.class_cond else None
+    return score.draw_and_score(lambda n, gen, y=None: draw(ema_fn, sched, n, args, gen, None if y is None else y.to(device)),
+                                args.score_samples, device, cost, args.classifier, args.data_dir, args.seed, labels)
+
+
+# ==================================== appendix: plumbing ====================================
+# Nothing below this line is about the model. The same block, byte for byte, closes every
+# script that trains (a test compares them), so a learner reads it once and a copied file runs
+# alone: the command line, the device, MNIST and its batches, random state and checkpoints,
+# the model wrapper, the log.
+
+CKPT_VERSION = 2  # 2: one name, class_cond, for conditioning in every script
+SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed + these: grids, evaluation, scoring
 
 
 def parse_args(argv=None):
@@ -941,33 +1057,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
-
-
-def check_args(args):
-    """The checks no single argparse type can make."""
-    try:
-        parse_channel_mult(args.channel_mult)
-    except ValueError as e:
-        fail(str(e))
-    if not 0.0 <= args.ema_decay < 1.0:
-        fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if not 0.0 <= args.dropout < 1.0:
-        fail(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
-        fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
-    if args.sample_steps is not None and args.sample_steps > args.timesteps:
-        fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
-    args.eta = 1.0 if args.eta is None else args.eta
-    if args.eta < 0:
-        fail(f"--eta must be >= 0, got {args.eta}")
-    if not 0.0 <= args.p_uncond < 1.0:
-        fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
-    if args.guidance and not args.class_cond and not (args.eval_only or args.resume):  # those read it from the checkpoint
-        fail("--guidance applies to a --class-cond model")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} (the global batch) does not split evenly over {world} processes")
-    check_classifier(args)
 
 
 def number_at_least(convert, minimum, strict=False):
@@ -1016,14 +1105,6 @@ def get_device(name):
     return torch.device(name)
 
 
-def log_ndtr(x):
-    """log Phi(x), the log of the standard normal CDF. torch.special.log_ndtr has no MPS kernel
-    in many torch versions: on a Mac it is computed on the CPU and moved back."""
-    if x.device.type == "mps":
-        return torch.special.log_ndtr(x.cpu()).to(x.device)
-    return torch.special.log_ndtr(x)
-
-
 def make_model_fn(net, device, amp, compile=False):
     """net(*inputs), torch.compile'd if asked, in bf16 autocast if amp, with the output(s) back
     in float32, so that all the math around the network stays fp32."""
@@ -1053,8 +1134,8 @@ def peak_memory_mb(device):
 
 def save_image(images, path, **grid_options):
     """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
-    `import torchvision` is half of a script's start-up (3.5 of 7 s on a 2-core CPU), which
-    --help and a bad flag need not pay."""
+    `import torchvision` is half of a script's start-up on a small CPU, which --help and a bad
+    flag need not pay."""
     from torchvision.utils import save_image as write_png
     write_png(images, path, **grid_options)
 
@@ -1062,9 +1143,13 @@ def save_image(images, path, **grid_options):
 def load_mnist(data_dir, train, device):
     """MNIST as whole uint8 tensors on the device: images (N, 28, 28), labels (N,)."""
     import torchvision  # here, not at the top: see save_image
+    existed = os.path.exists(data_dir)
     try:
         ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:  # offline, or a broken folder: one clear line, not a traceback
+        if not existed:  # and no empty folder left behind by the failed download
+            import shutil
+            shutil.rmtree(data_dir, ignore_errors=True)
         fail(f"could not load MNIST ({type(e).__name__}). Offline? Put train-images-idx3-ubyte, "
              f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in "
              f"{os.path.join(data_dir, 'MNIST', 'raw')}/ or point --data-dir at a folder that has them")
@@ -1072,20 +1157,23 @@ def load_mnist(data_dir, train, device):
 
 
 def run_length(args, n_train):
-    """(steps per epoch, total steps). Full batches only, so step -> (epoch, batch) is exact."""
+    """(steps per epoch, total steps). Full batches only: every step has the same shape, and
+    step -> (epoch, batch) is exact."""
     steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
     return steps_per_epoch, min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
 
 
-def epoch_batches(images, step, steps_per_epoch, args):
-    """The rest of the epoch that `step` is in, as uint8 batches, in an order seeded by (seed,
-    epoch): a resumed run sees exactly the batches of an uninterrupted one."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + step // steps_per_epoch)
-    perm = torch.randperm(len(images), generator=g).to(images.device)
+def epoch_batches(tensors, step, steps_per_epoch, batch_size, seed):
+    """The rest of the epoch that `step` is in: for each batch, the same rows of every tensor
+    (images, labels), in an order seeded by (seed, epoch): a resumed run sees exactly the
+    batches of an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step // steps_per_epoch)
+    perm = torch.randperm(len(tensors[0]), generator=g).to(tensors[0].device)
     for i in range(step % steps_per_epoch, steps_per_epoch):  # index_select: ~7x faster than [] on CPU
-        yield images.index_select(0, perm[i * args.batch_size:(i + 1) * args.batch_size])
+        rows = perm[i * batch_size:(i + 1) * batch_size]
+        yield tuple(x.index_select(0, rows) for x in tensors)
 
 
 def rng_state(device):
@@ -1135,7 +1223,7 @@ def save_checkpoint(path, kind, args, step, epoch, device, **objects):
 
 
 def load_checkpoint(path, kind):
-    """A checkpoint of this kind, loaded as data (weights_only=True: no code in it runs)."""
+    """A checkpoint of this kind and format, loaded as data (weights_only=True: no code in it runs)."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     try:
@@ -1144,8 +1232,9 @@ def load_checkpoint(path, kind):
         fail(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         fail(f"{path} is not a {kind} checkpoint (kind: {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
-    if ckpt.get("version", 0) > CKPT_VERSION:
-        fail(f"{path} has checkpoint format {ckpt['version']}, newer than this script's {CKPT_VERSION}")
+    if ckpt.get("version", 0) != CKPT_VERSION:
+        fail(f"{path} has checkpoint format {ckpt.get('version', 0)}; this script reads format {CKPT_VERSION}: "
+             f"retrain, or use the version of this project that wrote it")
     return ckpt
 
 
@@ -1153,14 +1242,13 @@ class Meter:
     """The log line. Per-image losses are summed on the device and read once per line (a sync
     every step would stall a GPU): each figure is a mean since the last line, per group if
     asked. images/s leaves out the first interval (compile, warm-up) and time in paused().
-    note: images/s -> an extra figure for the line (ddpm.py: MFU on a GPU), or None."""
+    note: images/s -> an extra text for the line (MFU on a GPU, time left), or None."""
 
-    def __init__(self, step, total_steps, steps_per_epoch, args, device, budget_s=None, note=None):
-        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, args.batch_size, args.log_every
-        self.device, self.sums, self.last, self.first = device, {}, {}, True
+    def __init__(self, step, total_steps, steps_per_epoch, batch_size, log_every, device, note=None):
+        self.total, self.per_epoch, self.batch, self.every = total_steps, steps_per_epoch, batch_size, log_every
+        self.device, self.sums, self.last, self.first, self.note = device, {}, {}, True, note
         self.t_log, self.step_log, self.steady_time, self.steady_images = time.perf_counter(), step, 0.0, 0
         self.t_start, self.paused_time, self.pause_start = self.t_log, 0.0, None
-        self.budget_s, self.note = budget_s, note  # training seconds left, or None
 
     def add(self, name, values, group=None, groups=1):
         if name not in self.sums:  # row 0: sums, row 1: counts
@@ -1185,11 +1273,8 @@ class Meter:
             self.steady_time, self.steady_images = self.steady_time + now - self.t_log, self.steady_images + images
         speed, self.first = images / max(now - self.t_log, 1e-9), False
         figures = " | ".join(k + "".join(f" {v:.4f}" if abs(v) < 10 else f" {v:.2f}" for v in m) for k, m in means.items())
-        eta = (self.total - step) * self.batch / speed
-        if self.budget_s is not None:
-            eta = min(eta, max(0.0, self.budget_s - self.training_seconds()))
         log(f"step {step}/{self.total} | epoch {step / self.per_epoch:.2f} | {figures} | {speed:,.0f} img/s "
-            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {eta / 60:.1f} min")
+            + (f"| {self.note(speed)} " if self.note else "") + f"| eta {(self.total - step) * self.batch / speed / 60:.1f} min")
         self.t_log, self.step_log = now, step
 
     @contextlib.contextmanager
@@ -1213,60 +1298,16 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def check_classifier(args):
-    """--score-samples needs score.py beside this script and a trained digit classifier:
-    checked before anything runs, so a long run cannot end without the score it was asked for."""
-    if not args.score_samples:
-        return
-    try:
-        import score  # noqa: F401 (only with --score-samples: each script runs without score.py)
-    except ImportError:
-        fail("--score-samples needs score.py, this project's sample scorer, beside this script")
-    if not os.path.isfile(args.classifier):
-        fail(f"--score-samples needs a digit classifier at {args.classifier}: train one with `python score.py "
-             f"--train-classifier --data-dir {args.data_dir}` (about a minute on 2 CPU cores) or pass --classifier")
-
-
-@torch.no_grad()
-def draw_and_score(args, draw, device, cost, labels=None):
-    """--score-samples N: draw N samples with draw(n, generator) -> (n, 1, 28, 28) in [0, 1], in
-    batches of 256 from a fixed generator, and score them with score.py against as many real
-    test digits. Announces the cost, then the time to go after the first batch. With labels
-    (N intended classes) draw(n, generator, labels of the batch), and the score has the
-    classifier's accuracy on them."""
-    import score
-    n, batch = args.score_samples, 256
-    log(f"score: drawing {n} samples ({cost}), then scoring them with {args.classifier}")
-    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
-    t0, parts = time.perf_counter(), []
-    for i in range(0, n, batch):
-        images = draw(min(batch, n - i), gen) if labels is None else draw(min(batch, n - i), gen, labels[i:i + batch])
-        parts.append(images.float().clamp(0, 1).cpu())
-        if i == 0 and n > batch:
-            spent = time.perf_counter() - t0
-            log(f"score: {batch} samples in {spent:.1f}s, about {spent * (n - batch) / batch / 60:.1f} min to go")
-    seconds, x = time.perf_counter() - t0, torch.cat(parts)
-    problem = score.sample_problem(x)
-    if problem:  # a diverged model: say so, keep the rest of the metrics
-        log(f"score: not scored: {problem}")
-        return {"n": n, "error": problem}
-    result = {**score.score_samples(x, args.classifier, args.data_dir, device, seed=args.seed, labels=labels),
-              "sampling": cost, "sample_seconds": seconds}
-    log(f"score: FD {result['fd']:.2f} | IS {result['is']:.2f} | precision {result['precision']:.3f} | recall "
-        f"{result['recall']:.3f}" + (f" | accuracy on the labels {result['accuracy']:.3f}" if labels is not None else "")
-        + f" | {n} samples vs {result['n_real']} real test digits (compare FDs at equal N)")
-    return result
-
-
 def fail(message):
     """Stop with one clear line on stderr: bad input is not a traceback."""
     print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def log(msg):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun (ddpm.py), rank 0 speaks for all
-        print(msg, flush=True)
+def log(message):
+    print(message, flush=True)
+
+# ================================== end of the appendix ==================================
 
 
 if __name__ == "__main__":

@@ -5,16 +5,17 @@ A U-Net maps an image to an image of the same size. It goes down through a few
 resolutions (28 -> 14 -> 7 for MNIST), keeping the feature maps of each level, comes back
 up, and at each level concatenates the kept maps (the "skip connections") to what comes
 up. The down path sees the whole digit at low resolution; the skips carry the fine detail
-that the bottleneck would lose. This is the network of Ho et al. 2020 (DDPM, appendix B),
-itself the PixelCNN++ / Wide-ResNet U-Net of Ronneberger et al. 2015, in the shape
-improved-diffusion (Nichol & Dhariwal 2021) uses:
+that the bottleneck would lose. This is the network of Ho et al. 2020 (DDPM, appendix B):
+the backbone of PixelCNN++ (Salimans et al. 2017), a U-Net (Ronneberger et al. 2015) of
+Wide-ResNet blocks (Zagoruyko & Komodakis 2016), to which Ho et al. added group normalisation
+and self-attention; here in the shape improved-diffusion (Nichol & Dhariwal 2021) uses:
 
     stem conv -> [blocks (+ attention) -> downsample] x levels -> middle -> [blocks -> upsample] x levels -> out conv
 
 A diffusion model asks one network to denoise at every noise level t, so the network is
 told t: a sinusoidal embedding of t (as the positions of a Transformer), passed through a
 small MLP, enters every residual block as a per-channel scale and shift of its features
-(FiLM; "scale-shift norm" of improved-diffusion) or as an added bias.
+(FiLM; "scale-shift norm" of improved-diffusion).
 
 Options, all used by the project:
 - `block="resnet"`: the standard residual block, two 3x3 convolutions.
@@ -70,40 +71,33 @@ def zero_init(module):
     return module
 
 
-def apply_embedding(h, norm, emb_proj, emb, scale_shift):
-    """Normalize h and inject the conditioning vector emb.
-
-    scale-shift (FiLM):  h = GroupNorm(h) * (1 + scale(emb)) + shift(emb)
-    add:                 h = GroupNorm(h + bias(emb))
+def apply_embedding(h, norm, emb_proj, emb):
+    """Normalize h and inject the conditioning vector emb as a scale and shift (FiLM):
+        h = GroupNorm(h) * (1 + scale(emb)) + shift(emb)
     With no conditioning (emb is None) this is just GroupNorm(h).
     h: (B, C, H, W), emb: (B, E) -> (B, C, H, W)
     """
     if emb is None:
         return norm(h)
-    e = emb_proj(emb)[:, :, None, None]  # (B, C) or (B, 2C) -> broadcast over H, W
-    if scale_shift:
-        scale, shift = e.chunk(2, dim=1)
-        return norm(h) * (1 + scale) + shift
-    return norm(h + e)
+    scale, shift = emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # (B, 2C) -> broadcast over H, W
+    return norm(h) * (1 + scale) + shift
 
 
-def embedding_projection(emb_dim, channels, scale_shift):
-    """emb -> per-channel (scale, shift) (2C numbers) or a bias (C), as apply_embedding uses them;
-    None for a block without conditioning."""
+def embedding_projection(emb_dim, channels):
+    """emb -> per-channel (scale, shift), 2C numbers; None for a block without conditioning."""
     if emb_dim is None:
         return None
-    return nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, channels * (2 if scale_shift else 1)))
+    return nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * channels))
 
 
 class ResBlock(nn.Module):
     """Residual block: x + conv(drop(act(norm'(conv(act(norm(x))))))), norm' conditioned on emb."""
 
-    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0, scale_shift=True):
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0):
         super().__init__()
-        self.scale_shift = scale_shift
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = embedding_projection(emb_dim, out_ch, scale_shift)
+        self.emb_proj = embedding_projection(emb_dim, out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -112,7 +106,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb=None):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = apply_embedding(h, self.norm2, self.emb_proj, emb, self.scale_shift)
+        h = apply_embedding(h, self.norm2, self.emb_proj, emb)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -136,16 +130,15 @@ class ShuffleBlock(nn.Module):
     Weights of a 3x3 ResBlock conv: 9*C^2. Here: 2*C^2/g + 9*C, about 9g times fewer.
     """
 
-    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0, scale_shift=True, groups=4):
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0, groups=4):
         super().__init__()
         if in_ch % groups or out_ch % groups:
             raise ValueError(f"ShuffleBlock: channels {in_ch}->{out_ch} must be divisible by groups={groups}")
         self.groups = groups
-        self.scale_shift = scale_shift
         self.norm1 = group_norm(in_ch)
         self.pw1 = nn.Conv2d(in_ch, out_ch, 1, groups=groups)
         self.dw = nn.Conv2d(out_ch, out_ch, 3, padding=1, groups=out_ch)
-        self.emb_proj = embedding_projection(emb_dim, out_ch, scale_shift)
+        self.emb_proj = embedding_projection(emb_dim, out_ch)
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.pw2 = zero_init(nn.Conv2d(out_ch, out_ch, 1, groups=groups))
@@ -154,7 +147,7 @@ class ShuffleBlock(nn.Module):
     def forward(self, x, emb=None):
         h = self.pw1(F.silu(self.norm1(x)))
         h = self.dw(channel_shuffle(h, self.groups))
-        h = apply_embedding(h, self.norm2, self.emb_proj, emb, self.scale_shift)
+        h = apply_embedding(h, self.norm2, self.emb_proj, emb)
         h = self.pw2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -219,12 +212,11 @@ class UNet(nn.Module):
     block: "resnet" or "shuffle".
     time_conditioning: False gives a plain U-Net called as net(x).
     num_classes: if set, net(x, t, y) with y in [0, num_classes]; y = num_classes is "no label".
-    scale_shift: FiLM conditioning (True) or an added bias (False).
     """
 
     def __init__(self, in_channels=1, out_channels=1, channels=32, channel_mult=(1, 2, 4), num_blocks=2,
                  attention=True, heads=4, dropout=0.0, block="resnet", time_conditioning=True,
-                 num_classes=None, scale_shift=True):
+                 num_classes=None):
         super().__init__()
         if block not in ("resnet", "shuffle"):
             raise ValueError(f"unknown block type {block!r}: use 'resnet' or 'shuffle'")
@@ -243,7 +235,7 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(num_classes + 1, emb_dim)  # index num_classes = "no label"
 
         def make_block(cin, cout):
-            return Block(cin, cout, emb_dim=emb_dim, dropout=dropout, scale_shift=scale_shift)
+            return Block(cin, cout, emb_dim=emb_dim, dropout=dropout)
 
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         # Down path. skip_ch records the width of every feature map pushed for the up path.
@@ -288,8 +280,6 @@ class UNet(nn.Module):
         if self.time_conditioning:
             if t is None:
                 raise ValueError("this U-Net is time-conditioned: call it as net(x, t)")
-            if t.dim() == 0:
-                t = t.expand(x.shape[0])
             emb = self.time_mlp(timestep_embedding(t, self.channels))
         if self.num_classes is not None:
             if y is None:  # unconditional call: the "no label" embedding

@@ -21,7 +21,7 @@ def test_ddpm_figures_and_json(tmp_path, capsys):
     assert result["batch_size"] == 4 and result["steps"] == 2 and result["warmup_steps"] == 1
     assert result["train_images_per_sec"] == pytest.approx(4 * 2 / (result["ms_per_step"] * 2 / 1000))
     assert set(result["samplers"]) == {"DDIM-10, eta 1", "ancestral (10 steps)"}  # DDIM: min(50, T) steps
-    assert all(s["n"] == 3 and s["samples_per_sec"] > 0 for s in result["samplers"].values())
+    assert all(s["n"] == 3 and s["sample_images_per_sec"] > 0 for s in result["samplers"].values())
     assert result["mfu"] is None and "MFU: no peak FLOP/s known for cpu" in out  # a CPU has no entry
     net = ddpm.build_model(vars(ddpm.parse_args(["--data-dir", "x", *TINY_DDPM])))
     assert result["parameters"] == sum(p.numel() for p in net.parameters())

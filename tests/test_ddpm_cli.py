@@ -96,11 +96,10 @@ def test_minutes_is_a_training_time_budget_kept_over_resumes(capsys, fake_mnist,
 
 
 def test_training_clock_leaves_out_pauses(monkeypatch):
-    import argparse
     import ddpm as script
     now = [100.0]
     monkeypatch.setattr(script.time, "perf_counter", lambda: now[0])
-    meter = script.Meter(0, 10, 5, argparse.Namespace(batch_size=2, log_every=5), torch.device("cpu"))
+    meter = script.Meter(0, 10, 5, 2, 5, torch.device("cpu"))
     now[0] += 3.0  # training
     with meter.paused():  # a grid: not training time, also while it is drawn
         now[0] += 50.0
@@ -119,16 +118,24 @@ def test_eval_only(capsys, fake_mnist, tmp_path):
     assert os.path.exists(out / "eval_samples_ddim.png")
 
 
-def test_compile_and_bf16_path_on_cpu(capsys, fake_mnist, tmp_path):
+def test_compile_and_bf16_path_on_cpu(capsys, fake_mnist, tmp_path, monkeypatch):
     """What runs on a GPU by default (torch.compile + bf16 autocast), exercised on the CPU so
-    that code that breaks compile or autocast fails here and not on a user's GPU."""
-    out = tmp_path / "run"
-    # One batch shape for every call of the sampling network (grid = test batch = 64 images),
-    # so it compiles once: a cold inductor compile on 2 CPU cores takes tens of seconds.
-    try:
-        proc = ddpm_main(capsys, fake_mnist, out, "--max-steps", "2", "--compile", "--amp", "--eval-images", "0",
-                         "--num-samples", "64", "--sampler", "ddim", "--sample-steps", "2")
+    that code that breaks compile or autocast fails here and not on a user's GPU. After two
+    steps any recompilation is an error: the learning rate and the EMA decay change every step
+    (warm-up) as device tensors, never as constants baked into the compiled code."""
+    import ddpm as script
+    out, decay = tmp_path / "run", script.ema_decay
+
+    def strict_after_two_steps(k, max_decay):
+        if k == 2:
+            torch.compiler.set_stance("fail_on_recompile")
+        return decay(k, max_decay)
+    monkeypatch.setattr(script, "ema_decay", strict_after_two_steps)
+    try:  # the samplers run eagerly: only the training network is compiled
+        proc = ddpm_main(capsys, fake_mnist, out, "--max-steps", "5", "--compile", "--amp", "--eval-images", "0",
+                         "--num-samples", "4", "--sampler", "ddim", "--sample-steps", "2", "--warmup-steps", "4")
     finally:
+        torch.compiler.set_stance("default")
         torch._dynamo.reset()  # in this process: the next tests start with no compiled code
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compile=True, amp=True" in proc.stdout
@@ -161,6 +168,7 @@ def test_missing_data_offline(capsys, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     proc = ddpm_main(capsys, tmp_path / "nowhere", tmp_path / "run")
     assert_one_line_error(proc, "MNIST", "train-images-idx3-ubyte", os.path.join("nowhere", "MNIST", "raw"))
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "run").exists()  # nothing left behind
 
 
 def test_bad_checkpoints_never_overwrite(capsys, fake_mnist, tmp_path):
@@ -177,9 +185,10 @@ def test_bad_checkpoints_never_overwrite(capsys, fake_mnist, tmp_path):
     assert_one_line_error(ddpm_main(capsys, fake_mnist, out, "--resume"), "not a ddpm checkpoint")
     assert ckpt.read_bytes() == before
 
-    torch.save({"kind": "ddpm", "version": 99}, ckpt)
+    for version in (1, 99):  # 1: before one vocabulary (class_cond in every script); 99: from the future
+        torch.save({"kind": "ddpm", "version": version}, ckpt)
+        assert_one_line_error(ddpm_main(capsys, fake_mnist, out, "--resume"), f"format {version}", "retrain")
     before = ckpt.read_bytes()
-    assert_one_line_error(ddpm_main(capsys, fake_mnist, out, "--resume"), "newer")
     # A new run into a folder that holds a checkpoint refuses rather than overwrite it.
     assert_one_line_error(ddpm_main(capsys, fake_mnist, out), "exists", "--resume")
     assert ckpt.read_bytes() == before
@@ -203,10 +212,8 @@ def test_unwritable_out_dir_is_one_line(capsys, fake_mnist, tmp_path):
 
 
 def test_meter_logs_means_since_the_last_line(capsys):
-    import argparse
     import ddpm as script
-    args = argparse.Namespace(batch_size=2, log_every=2)
-    meter = script.Meter(0, 4, 2, args, torch.device("cpu"))
+    meter = script.Meter(0, 4, 2, 2, 2, torch.device("cpu"))
     values = [torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0]), torch.tensor([10.0, 20.0]), torch.tensor([30.0, 40.0])]
     groups = [torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([0, 0])]
     lines = []

@@ -221,7 +221,7 @@ def test_normal_kl_against_torch_distributions():
 def test_discretized_gaussian_is_a_distribution_over_256_levels():
     x = LEVELS.float().view(256, 1, 1, 1)
     for mean, log_scale in ((0.1, math.log(0.3)), (-0.95, math.log(0.01)), (0.999, math.log(0.002)), (0.0, math.log(3.0))):
-        logp = ddpm.discretized_gaussian_log_likelihood(x, torch.tensor(mean), torch.tensor(log_scale))
+        logp = ddpm.discretized_gaussian_log_likelihood(x, torch.tensor(mean), torch.tensor(2 * log_scale))
         assert logp.double().exp().sum().item() == pytest.approx(1.0, abs=1e-4)
         # Interior bins against torch.distributions.Normal's CDF.
         normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), math.exp(log_scale))
@@ -231,7 +231,7 @@ def test_discretized_gaussian_is_a_distribution_over_256_levels():
         assert torch.allclose(got, expected, atol=1e-5)
     # Far in a tail the log-probability stays finite and accurate (log_ndtr, not log(0)).
     # Reference: the normal density integrated over the bin by the midpoint rule in float64.
-    far = ddpm.discretized_gaussian_log_likelihood(torch.tensor(0.5), torch.tensor(-0.5), torch.tensor(math.log(0.05)))
+    far = ddpm.discretized_gaussian_log_likelihood(torch.tensor(0.5), torch.tensor(-0.5), torch.tensor(2 * math.log(0.05)))
     z = torch.linspace((1 - 1 / 255) / 0.05, (1 + 1 / 255) / 0.05, 100001, dtype=torch.float64)
     log_pdf = -0.5 * z ** 2 - 0.5 * math.log(2 * math.pi)
     reference = torch.logsumexp(log_pdf, 0).item() + math.log((z[1] - z[0]).item())

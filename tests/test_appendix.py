@@ -1,0 +1,59 @@
+"""The shared appendix: one block of plumbing, byte-identical in every script that must run
+alone, and the few math helpers that two standalone chapters both need, identical too."""
+import importlib
+import inspect
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START = "# ==================================== appendix: plumbing ===================================="
+END = "# ================================== end of the appendix =================================="
+CARRIERS = ["ddpm.py", "vae.py", "vae_no_encoder.py", "score.py", "discrete_diffusion.py"]
+
+
+def appendix(name):
+    lines = open(os.path.join(ROOT, name)).read().splitlines()
+    assert lines.count(START) == 1 and lines.count(END) == 1, f"{name}: one start and one end marker"
+    start, end = lines.index(START), lines.index(END)
+    assert start < end, name
+    return lines[start:end + 1], lines[end + 1:]
+
+
+@pytest.mark.parametrize("name", CARRIERS[1:])
+def test_the_appendix_is_the_same_block_in_every_script(name):
+    reference, _ = appendix("ddpm.py")
+    block, _ = appendix(name)
+    for i, (a, b) in enumerate(zip(reference, block)):
+        assert a == b, f"{name} differs from ddpm.py at appendix line {i + 1}:\n  ddpm.py: {a}\n  {name}: {b}"
+    assert len(block) == len(reference), f"{name}: {len(block)} appendix lines, ddpm.py {len(reference)}"
+
+
+@pytest.mark.parametrize("name", CARRIERS)
+def test_only_the_main_guard_follows_the_appendix(name):
+    _, after = appendix(name)
+    assert [line for line in after if line.strip()] == ['if __name__ == "__main__":', "    main()"], name
+
+
+def test_a_script_that_imports_a_sibling_imports_its_plumbing():
+    text = open(os.path.join(ROOT, "latent_diffusion.py")).read()
+    assert START not in text and "def load_mnist" not in text and "class Meter" not in text
+
+
+# Math that two chapters need and neither may import from the other (vae.py imports nothing;
+# vae_no_encoder.py only unet.py): one name, one signature, one text.
+SHARED_MATH = [
+    ("normal_kl", ["ddpm", "vae", "vae_no_encoder"]),
+    ("log_ndtr", ["ddpm", "vae_no_encoder"]),
+    ("log_normal_cdf_diff", ["ddpm", "vae_no_encoder"]),
+    ("discretized_gaussian_log_likelihood", ["ddpm", "vae_no_encoder"]),
+    ("to_model_range", ["ddpm", "vae_no_encoder"]),
+]
+
+
+@pytest.mark.parametrize("function,modules", SHARED_MATH)
+def test_shared_math_is_one_text(function, modules):
+    texts = {m: inspect.getsource(getattr(importlib.import_module(m), function)) for m in modules}
+    reference = texts[modules[0]]
+    for m, text in texts.items():
+        assert text == reference, f"{m}.{function} differs from {modules[0]}.{function}"

@@ -1,0 +1,108 @@
+"""ddpm.py's training step (make_train_step, and its recording on a GPU by replayable) against
+a plain training loop written out here: the same losses and weights."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+import ddpm
+
+CONFIG = dict(channels=8, channel_mult="1,2", num_blocks=1, attention=True, dropout=0.0, arch="resnet", class_cond=True,
+              pred="v", p_uncond=0.3, grad_clip=0.05, lr=2e-3, warmup_steps=5, ema_decay=0.9999)
+
+
+def lr_at(step):
+    return CONFIG["lr"] * min(1.0, (step + 1) / CONFIG["warmup_steps"])
+
+
+def plain_loop(net, ema, sched, images, labels, steps):
+    """The textbook loop: a float learning rate set in the optimizer, the EMA by its formula.
+    (Adam amplifies round-off: a gradient that is zero but for round-off moves a weight by a
+    whole learning rate, so both loops use torch's fused AdamW and clipping.)"""
+    opt = torch.optim.AdamW(net.parameters(), lr=CONFIG["lr"], weight_decay=0.0, fused=True)  # torch's own kernel
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        y = ddpm.drop_labels(labels[step], CONFIG["p_uncond"])
+        loss, _ = ddpm.diffusion_loss(lambda x, t: net(x, t, y), sched, images[step].unsqueeze(1) / 127.5 - 1, "v")
+        opt.zero_grad()
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), CONFIG["grad_clip"])
+        opt.step()
+        d = ddpm.ema_decay(step, CONFIG["ema_decay"])
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), net.parameters()):
+                e.copy_(d * e + (1 - d) * p)
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def step_function(net, ema, sched, images, labels, steps, compile=False):
+    """The loop of ddpm.train(): the learning rate and the decay as device tensors filled each step."""
+    lr, decay = torch.tensor(CONFIG["lr"]), torch.tensor(0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **ddpm.adam_options(torch.device("cpu")))
+    model_fn = ddpm.make_model_fn(net, torch.device("cpu"), amp=False, compile=compile)
+    train_step = ddpm.make_train_step(model_fn, net, ema, opt, sched, argparse.Namespace(**CONFIG))
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        lr.fill_(lr_at(step))
+        decay.fill_(ddpm.ema_decay(step, CONFIG["ema_decay"]))
+        loss, t = train_step(images[step], labels[step], decay)
+        assert t.shape == (images.shape[1],) and t.dtype == torch.long
+        losses.append(loss)
+    return torch.stack(losses)
+
+
+def setup_pair(steps=20, batch=8):
+    torch.manual_seed(0)
+    net = ddpm.build_model(CONFIG)
+    with torch.no_grad():  # every weight nonzero, so each one is trained and compared
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ema = copy.deepcopy(net).requires_grad_(False)
+    images = torch.randint(0, 256, (steps, batch, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (steps, batch))
+    return net, ema, copy.deepcopy(net), copy.deepcopy(ema), ddpm.make_schedule("cosine", 20), images, labels
+
+
+def test_the_step_function_trains_as_the_plain_loop():
+    net_a, ema_a, net_b, ema_b, sched, images, labels = setup_pair()
+    expected = plain_loop(net_a, ema_a, sched, images, labels, 20)
+    got = step_function(net_b, ema_b, sched, images, labels, 20)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got - expected).abs().max()
+    # The trained networks compute the same function. (Weights are compared through it: a conv
+    # bias right before a one-channel GroupNorm group has a gradient that is zero but for
+    # round-off, and Adam moves it by a whole learning rate in the round-off's direction.)
+    x, t, y = torch.randn(8, 1, 28, 28), torch.randint(0, 20, (8,)), torch.arange(8)
+    with torch.no_grad():
+        for a, b in ((net_a, net_b), (ema_a, ema_b)):
+            out_a, out_b = a(x, t, y), b(x, t, y)
+            assert torch.allclose(out_a, out_b, rtol=1e-3, atol=1e-5), (out_a - out_b).abs().max()
+        assert (net_b(x, t, y) - ema_b(x, t, y)).abs().max() > 1e-3  # the EMA lags the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu():
+    device = torch.device("cuda")
+    results = []
+    for record in (False, True):
+        net_a, ema_a, _, _, _, images, labels = setup_pair(steps=10, batch=16)
+        net, ema = net_a.to(device), ema_a.to(device)
+        sched = ddpm.make_schedule("cosine", 20, device)
+        lr, decay = torch.tensor(CONFIG["lr"], device=device), torch.tensor(0.0, device=device)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **ddpm.adam_options(device))
+        step_fn = ddpm.make_train_step(ddpm.make_model_fn(net, device, False), net, ema, opt, sched,
+                                       argparse.Namespace(**CONFIG))
+        step_fn = ddpm.replayable(step_fn, device, enabled=record)
+        torch.cuda.manual_seed(0)
+        for step in range(10):
+            lr.fill_(lr_at(step))
+            decay.fill_(ddpm.ema_decay(step, CONFIG["ema_decay"]))
+            step_fn(images[step].to(device), labels[step].to(device), decay)
+        results.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert torch.isfinite(results[1]).all()
+    assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-5), (results[0] - results[1]).abs().max()
