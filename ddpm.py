@@ -765,7 +765,7 @@ def replayable(train_step, device, enabled, warmup=3):
 
     def run(*inputs):
         if state["graph"] is None and state["calls"] < warmup:
-            state["calls"], state.setdefault("t0", time.perf_counter())
+            state.setdefault("t0", time.perf_counter())  # the warm-up's start
             state["calls"] += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -907,13 +907,7 @@ def check_args(args):
     for name in ("ema_decay", "dropout", "p_uncond"):
         if not 0.0 <= getattr(args, name) < 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
-        fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
-    if args.sample_steps is not None and args.sample_steps > args.timesteps:
-        fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
-    args.eta = 1.0 if args.eta is None else args.eta
-    if args.eta < 0:
-        fail(f"--eta must be >= 0, got {args.eta}")
+    check_sampler(args)
     if args.guidance and not args.class_cond and not (args.eval_only or args.resume):  # those read it from the checkpoint
         fail("--guidance applies to a --class-cond model")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
@@ -925,6 +919,17 @@ def check_args(args):
         except ImportError:
             fail("--score-samples needs score.py, this project's sample scorer, beside this script")
         score.check_classifier(args.classifier, args.data_dir)
+
+
+def check_sampler(args):
+    """--sampler, --sample-steps and --eta together (latent_diffusion.py checks its own with this)."""
+    if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
+        fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
+    if args.sample_steps is not None and args.sample_steps > args.timesteps:
+        fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
+    args.eta = 1.0 if args.eta is None else args.eta
+    if args.eta < 0:
+        fail(f"--eta must be >= 0, got {args.eta}")
 
 
 def check_guidance(args):
@@ -1041,11 +1046,11 @@ def score_run(ema_fn, sched, args, device, sample_speed=None):
 
 
 # ==================================== appendix: plumbing ====================================
-# Nothing below this line is about the model. The same block, byte for byte, closes every
-# script that trains (a test compares them), so a learner reads it once and a copied file runs
-# alone: the command line, the device, MNIST and its batches, random state and checkpoints,
-# the model wrapper, the log.
+# Nothing below is about the model. The same block closes every script that runs alone, byte
+# for byte (tests/test_appendix.py): read it once; a copied file runs. Command line, device,
+# MNIST and its batches, checkpoints and random state, the model wrapper, the log.
 
+PROG = os.path.basename(__file__)  # the name in error lines (a script that borrows this plumbing sets its own)
 CKPT_VERSION = 2  # 2: one name, class_cond, for conditioning in every script
 SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed + these: grids, evaluation, scoring
 
@@ -1053,7 +1058,7 @@ SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed 
 def parse_args(argv=None):
     """The knobs at the top of the file, read from the command line; bad input is one line."""
     parser = make_parser()
-    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
+    parser.prog, parser.error = PROG, fail  # argparse's own errors as one line too
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -1133,9 +1138,7 @@ def peak_memory_mb(device):
 
 
 def save_image(images, path, **grid_options):
-    """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
-    `import torchvision` is half of a script's start-up on a small CPU, which --help and a bad
-    flag need not pay."""
+    """torchvision's save_image (a grid PNG), imported on first use: half of a script's start-up."""
     from torchvision.utils import save_image as write_png
     write_png(images, path, **grid_options)
 
@@ -1176,19 +1179,6 @@ def epoch_batches(tensors, step, steps_per_epoch, batch_size, seed):
         yield tuple(x.index_select(0, rows) for x in tensors)
 
 
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type in ("cuda", "mps"):
-        state[device.type] = getattr(torch, device.type).get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type in ("cuda", "mps") and device.type in state:
-        getattr(torch, device.type).set_rng_state(state[device.type])
-
-
 def start_or_resume(args, kind, resumed_keys):
     """--resume: the checkpoint in --out-dir, whose resumed_keys (the model, the data order, the
     optimizer's settings) replace the command line's. Else None, and never overwrite one."""
@@ -1207,7 +1197,9 @@ def restore(ckpt, device, **objects):
     """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step."""
     for key, obj in objects.items():
         obj.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"], device)
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type in ("cuda", "mps") and device.type in ckpt["rng"]:
+        getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
     log(f"resumed at step {ckpt['step']} (epoch {ckpt['epoch']})")
     return ckpt["step"]
 
@@ -1215,8 +1207,9 @@ def restore(ckpt, device, **objects):
 def save_checkpoint(path, kind, args, step, epoch, device, **objects):
     """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one.
     objects: modules and optimizers (stored as their state_dict), or plain numbers."""
-    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
-             "rng": rng_state(device),
+    rng = {"cpu": torch.get_rng_state(), **({device.type: getattr(torch, device.type).get_rng_state()}
+                                            if device.type in ("cuda", "mps") else {})}
+    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch, "rng": rng,
              **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -1300,7 +1293,7 @@ def write_json(obj, path):
 
 def fail(message):
     """Stop with one clear line on stderr: bad input is not a traceback."""
-    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

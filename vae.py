@@ -705,11 +705,11 @@ def score_run(net, args, device):
 
 
 # ==================================== appendix: plumbing ====================================
-# Nothing below this line is about the model. The same block, byte for byte, closes every
-# script that trains (a test compares them), so a learner reads it once and a copied file runs
-# alone: the command line, the device, MNIST and its batches, random state and checkpoints,
-# the model wrapper, the log.
+# Nothing below is about the model. The same block closes every script that runs alone, byte
+# for byte (tests/test_appendix.py): read it once; a copied file runs. Command line, device,
+# MNIST and its batches, checkpoints and random state, the model wrapper, the log.
 
+PROG = os.path.basename(__file__)  # the name in error lines (a script that borrows this plumbing sets its own)
 CKPT_VERSION = 2  # 2: one name, class_cond, for conditioning in every script
 SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed + these: grids, evaluation, scoring
 
@@ -717,7 +717,7 @@ SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed 
 def parse_args(argv=None):
     """The knobs at the top of the file, read from the command line; bad input is one line."""
     parser = make_parser()
-    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
+    parser.prog, parser.error = PROG, fail  # argparse's own errors as one line too
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -797,9 +797,7 @@ def peak_memory_mb(device):
 
 
 def save_image(images, path, **grid_options):
-    """torchvision's save_image (a grid PNG; options as make_grid's), imported on first use:
-    `import torchvision` is half of a script's start-up on a small CPU, which --help and a bad
-    flag need not pay."""
+    """torchvision's save_image (a grid PNG), imported on first use: half of a script's start-up."""
     from torchvision.utils import save_image as write_png
     write_png(images, path, **grid_options)
 
@@ -840,19 +838,6 @@ def epoch_batches(tensors, step, steps_per_epoch, batch_size, seed):
         yield tuple(x.index_select(0, rows) for x in tensors)
 
 
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type in ("cuda", "mps"):
-        state[device.type] = getattr(torch, device.type).get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type in ("cuda", "mps") and device.type in state:
-        getattr(torch, device.type).set_rng_state(state[device.type])
-
-
 def start_or_resume(args, kind, resumed_keys):
     """--resume: the checkpoint in --out-dir, whose resumed_keys (the model, the data order, the
     optimizer's settings) replace the command line's. Else None, and never overwrite one."""
@@ -871,7 +856,9 @@ def restore(ckpt, device, **objects):
     """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step."""
     for key, obj in objects.items():
         obj.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"], device)
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type in ("cuda", "mps") and device.type in ckpt["rng"]:
+        getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])
     log(f"resumed at step {ckpt['step']} (epoch {ckpt['epoch']})")
     return ckpt["step"]
 
@@ -879,8 +866,9 @@ def restore(ckpt, device, **objects):
 def save_checkpoint(path, kind, args, step, epoch, device, **objects):
     """Plain data (loads with weights_only=True), written atomically: a crash mid-save keeps the old one.
     objects: modules and optimizers (stored as their state_dict), or plain numbers."""
-    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch,
-             "rng": rng_state(device),
+    rng = {"cpu": torch.get_rng_state(), **({device.type: getattr(torch, device.type).get_rng_state()}
+                                            if device.type in ("cuda", "mps") else {})}
+    state = {"kind": kind, "version": CKPT_VERSION, "config": vars(args), "step": step, "epoch": epoch, "rng": rng,
              **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -964,7 +952,7 @@ def write_json(obj, path):
 
 def fail(message):
     """Stop with one clear line on stderr: bad input is not a traceback."""
-    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

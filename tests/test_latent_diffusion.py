@@ -153,14 +153,15 @@ def test_trains_resumes_exactly_and_evaluates(capsys, fake_mnist, checkpoints, t
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     metrics = json.load(open(straight / "metrics.json"))
-    for key in ("test_bound_standard_nats", "test_bound_diffusion_nats", "test_neg_elbo_nats", "samples_per_sec"):
+    for key in ("test_bound_standard", "test_bound_diffusion", "test_neg_elbo", "test_recon", "train_images_per_sec",
+                "sample_images_per_sec"):
         assert math.isfinite(metrics[key]), key
-    assert metrics["test_images"] == 4
+    assert metrics["test_images"] == 4 and not any(k.startswith("test_bpd") for k in metrics)  # Bernoulli: nats only
     assert {"compare.png", "samples_epoch_001.png", "samples_step_000010.png"} <= set(os.listdir(straight))
     proc = ld_main(capsys, fake_mnist, straight, "--eval-only", "--eval-images", "2", "--iw-samples", "3")
     assert proc.returncode == 0, proc.stderr
     result = json.load(open(straight / "eval.json"))
-    assert result["test_images"] == 2 and math.isfinite(result["test_iwae_nats"])
+    assert result["test_images"] == result["test_iwae_images"] == 2 and math.isfinite(result["test_iwae_nll"])
 
 
 def test_a_changed_vae_is_refused(capsys, fake_mnist, checkpoints, tmp_path):
@@ -194,7 +195,22 @@ def test_bad_vae_checkpoints(capsys, fake_mnist, checkpoints, tmp_path, which, n
 
 def test_a_conditional_vae_is_refused(capsys, fake_mnist, tmp_path):
     from conftest import TINY_VAE
-    vae.main(["--data-dir", fake_mnist, "--out-dir", str(tmp_path / "cvae"), *TINY_VAE, "--conditional"])
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(tmp_path / "cvae"), *TINY_VAE, "--class-cond"])
     capsys.readouterr()
     proc = ld_main(capsys, fake_mnist, tmp_path / "run", "--vae-ckpt", tmp_path / "cvae" / "ckpt.pt")
     assert_one_line_error(proc, "conditional")
+
+
+def test_a_gaussian_vae_reports_bits_per_dim(capsys, fake_mnist, tmp_path):
+    """The bounds of a Gaussian VAE (a density on dequantized digits) also in 8-bit bits/dim:
+    (nats + 784 ln 256) / (784 ln 2); test_bpd is the bound with the diffusion prior."""
+    from conftest import TINY_VAE
+    vae.main(["--data-dir", fake_mnist, "--out-dir", str(tmp_path / "gvae"), *TINY_VAE, "--likelihood", "gaussian"])
+    capsys.readouterr()
+    proc = ld_main(capsys, fake_mnist, tmp_path / "run", "--vae-ckpt", tmp_path / "gvae" / "ckpt.pt", "--eval-images", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "bits/dim" in proc.stdout
+    m = json.load(open(tmp_path / "run" / "metrics.json"))
+    for nats, bpd in (("test_bound_diffusion", "test_bpd"), ("test_bound_standard", "test_bpd_standard"),
+                      ("test_neg_elbo", "test_bpd_neg_elbo")):
+        assert m[bpd] == pytest.approx((m[nats] + 784 * math.log(256)) / (784 * math.log(2))), bpd
