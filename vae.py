@@ -30,10 +30,10 @@ both networks the digit's label (a conditional VAE).
     python vae.py --latent-dim 2 --out-dir out/vae_2d                           # + the 2-D manifold
     python vae.py --eval-only --iw-samples 5000                                 # evaluate out/vae/ckpt.pt
 
-Writes to --out-dir (default out/vae): ckpt.pt, samples_epoch_NNN.png (prior samples),
-reconstructions.png, interpolation.png (--latent-dim 2: manifold.png, latent_space.png too),
-metrics.json. Below: the knobs, the model and its math, train(), evaluate(), main(); then the
-extensions, this script's run plumbing and the appendix. log is natural; nats are per image.
+Writes to --out-dir (default out/vae): ckpt.pt, samples_epoch_NNN.png (prior samples), reconstructions.png,
+interpolation.png (--class-cond: style.png; --latent-dim 2: manifold.png, latent_space.png too), metrics.json.
+Below: the knobs, the model and its math, train(), evaluate(), main(); then the extensions, this script's
+run plumbing and the appendix. log is natural; nats are per image.
 """
 import argparse
 import contextlib
@@ -62,20 +62,17 @@ def make_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training forward pass (default: on for CUDA only)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the networks (default: on for CUDA only)")
+    onoff = argparse.BooleanOptionalAction  # --x / --no-x; None: decided in check_args or setup
+    p.add_argument("--compile", action=onoff, help="torch.compile the training forward pass (default: CUDA only)")
+    p.add_argument("--amp", action=onoff, help="bf16 autocast for the networks (default: on for CUDA only)")
     p.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     p.add_argument("--sample-every", type=positive_int, default=5, help="epochs between prior-sample grids")
     p.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
     p.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
     p.add_argument("--iw-samples", type=nonneg_int, default=5000, help="K of the held-out IWAE bound (0 skips it)")
-    p.add_argument("--iw-images", type=nonneg_int, default=1000,
-                   help="test images for the IWAE bound (K decoder calls each; 0 skips it)")
-    p.add_argument("--score-samples", type=nonneg_int, default=0,
-                   help="at the end (also with --eval-only): score N prior samples with score.py; 0: off")
+    p.add_argument("--iw-images", type=nonneg_int, default=1000, help="test images for the IWAE bound (0 skips it)")
+    p.add_argument("--score-samples", type=nonneg_int, default=0, help="score N prior samples with score.py at the end")
     p.add_argument("--classifier", default="out/classifier/ckpt.pt", help="score.py's digit classifier")
     # the model
     p.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="encoder/decoder networks")
@@ -83,13 +80,10 @@ def make_parser():
     p.add_argument("--hidden-dim", type=positive_int, default=400, help="MLP hidden layer width")
     p.add_argument("--channels", type=positive_int, default=32, help="CNN width: c and 2c channels at 14x14 and 7x7")
     p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli", help="p(x | z)")
-    p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
-                   help="bernoulli: dynamically binarize the data (default on; else the nats are not a likelihood)")
-    p.add_argument("--sigma", default=None,
-                   help="gaussian: a fixed decoder std on the [0, 1] scale, or 'learned' per pixel (the default)")
+    p.add_argument("--binarize", action=onoff, help="bernoulli: binarize the data afresh (default on; off: not a NLL)")
+    p.add_argument("--sigma", help="gaussian: a fixed decoder std on the [0, 1] scale, or 'learned' (default)")
     p.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE); 1 is the ELBO")
-    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=False,
-                   help="a conditional VAE (Sohn et al. 2015): q(z | x, y) and p(x | z, y) with the digit's label y")
+    p.add_argument("--class-cond", action=onoff, default=False, help="a conditional VAE on the digit label (Sohn 2015)")
     return p
 
 
@@ -124,11 +118,6 @@ def make_networks(arch, latent_dim, hidden_dim, channels, out_channels, num_clas
     return encoder, decoder
 
 
-def concat_label(v, c):
-    """[v | c]: a (B, n) network input with the one-hot label c (B, 10) appended; v itself if c is None."""
-    return v if c is None else torch.cat([v, c.to(v.dtype)], 1)
-
-
 # Soft floor of a learned log_std (VAE.gaussian_params): a pure guard against a runaway division.
 # The dequantization noise alone (std 1/256/sqrt(12) = 0.0011, log -6.8) keeps useful sigmas above it.
 LOG_STD_MIN = -8.0
@@ -152,9 +141,8 @@ class VAE(nn.Module):
         self.learned_sigma = likelihood == "gaussian" and sigma == "learned"
         # A fixed sigma is a constant of the model, not a weight: it lives in the config, as the text of --sigma.
         self.fixed_sigma = None if (likelihood == "bernoulli" or self.learned_sigma) else float(sigma)
-        self.arch, out_channels = arch, 2 if self.learned_sigma else 1
-        self.encoder, self.decoder = make_networks(arch, latent_dim, hidden_dim, channels, out_channels,
-                                                   self.num_classes)
+        self.arch, out_ch = arch, 2 if self.learned_sigma else 1  # mean logits [| log_std]
+        self.encoder, self.decoder = make_networks(arch, latent_dim, hidden_dim, channels, out_ch, self.num_classes)
 
     def one_hot(self, y):
         """Labels (B,) -> one-hot (B, 10) for a conditional VAE; None (and no labels) for an unconditional one."""
@@ -167,14 +155,15 @@ class VAE(nn.Module):
         """(B,1,28,28) [, labels (B,)] -> mu, log_var, each (B, L): the parameters of q(z | x[, y])."""
         c = self.one_hot(y)
         if self.arch == "mlp":
-            x = concat_label(x.flatten(1), c)
+            x = x.flatten(1) if c is None else torch.cat([x.flatten(1), c.to(x.dtype)], 1)  # [x | c]
         elif c is not None:  # the one-hot label as constant planes: (B, 1 + 10, 28, 28)
             x = torch.cat([x, c[:, :, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)], 1)
         return self.encoder(x).float().chunk(2, dim=1)
 
     def decode(self, z, y=None):
         """(B, L) [, labels (B,)] -> raw decoder output (B, out_channels, 28, 28): see log_likelihood, mean."""
-        return self.decoder(concat_label(z, self.one_hot(y))).float()
+        c = self.one_hot(y)
+        return self.decoder(z if c is None else torch.cat([z, c.to(z.dtype)], 1)).float()  # [z | c]
 
     def forward(self, x, eps, y=None):
         """The ELBO's pass: q(z | x), the sample z = mu + sigma * eps, its decoding -> out, mu, log_var."""
@@ -210,10 +199,8 @@ MODEL_KEYS = ("arch", "latent_dim", "hidden_dim", "channels", "likelihood", "sig
 
 
 def build_model(config):
-    """The VAE described by a config dict (the argparse namespace, or a checkpoint's)."""
-    return VAE(arch=config["arch"], latent_dim=config["latent_dim"], hidden_dim=config["hidden_dim"],
-               channels=config["channels"], likelihood=config["likelihood"], sigma=config["sigma"],
-               class_cond=config["class_cond"])
+    """The VAE described by a config dict (vars(args), or a checkpoint's): MODEL_KEYS but binarize (the data's)."""
+    return VAE(**{key: config[key] for key in MODEL_KEYS if key != "binarize"})
 
 
 # ------------------ 2. Likelihoods p(x | z), and the data each one models -------------------
@@ -369,16 +356,12 @@ def bits_per_dim_dequantized(nll_nats):
 
 # ---------------- 6. Training, evaluation on the held-out test split, main() ----------------
 
-# What --resume takes from the checkpoint: the model, the data order, the objective, the optimizer.
-RESUMED_KEYS = MODEL_KEYS + ("seed", "batch_size", "lr", "beta")
-
-
 def train(args):
     device = setup(args)
-    ckpt = start_or_resume(args, "vae", RESUMED_KEYS)
+    # --resume takes from the checkpoint the model, the data order, the objective and the optimizer.
+    ckpt = start_or_resume(args, "vae", MODEL_KEYS + ("seed", "batch_size", "lr", "beta"))
     torch.manual_seed(args.seed)
-    train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
-    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    (train_x, train_y), (test_x, test_y) = (load_mnist(args.data_dir, train=t, device=device) for t in (True, False))
     steps_per_epoch, total_steps = run_length(args, len(train_x))
     make_out_dir(args.out_dir)  # only now: bad input leaves no folder behind
     net = build_model(vars(args)).to(device)
@@ -393,9 +376,7 @@ def train(args):
     def save():  # no EMA of the weights (ckpt "ema" is None): see finish()
         save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device,
                         model=net, ema=None, optimizer=opt)
-
-    net.train()
-    try:
+    try:  # no net.train(): a new module starts in training mode
         while step < total_steps:
             for images, labels in epoch_batches((train_x, train_y), step, steps_per_epoch, args.batch_size, args.seed):
                 x = likelihood_data(images, args.likelihood, args.binarize)    # a fresh binarization first,
@@ -406,9 +387,8 @@ def train(args):
                 loss.backward()
                 opt.step()
                 step += 1
-                meter.add("loss", recon + args.beta * kl)
-                meter.add("recon", recon)
-                meter.add("KL", kl)
+                for name, value in (("loss", recon + args.beta * kl), ("recon", recon), ("KL", kl)):
+                    meter.add(name, value)
                 meter.tick(step)
                 if step >= total_steps:
                     break
@@ -446,7 +426,6 @@ def evaluate(model_fn, model, test_x, test_y, args, device):
 
     def labels(i, j):  # the labels of test digits i..j for a CVAE, else None
         return test_y[i:j] if model.num_classes else None
-
     terms = []
     for i in range(0, len(test_data), batch):
         x = test_data[i:i + batch]
@@ -493,6 +472,7 @@ def main(argv=None):
 
 # ===================== Extensions: the pictures beyond the sample grid ======================
 
+@torch.no_grad()
 def save_pictures(net, test_x, test_y, args, device, prefix=""):
     """Everything drawn at the end of a run (or by --eval-only), the networks in the precision of
     training (bf16 with --amp), on the test digits that evaluate() scores. A CVAE draws its style
@@ -508,8 +488,7 @@ def save_pictures(net, test_x, test_y, args, device, prefix=""):
         else:
             save_interpolation(net, test_data, paths[1])
         if len(paths) > 2:
-            save_manifold(net, paths[2])
-            save_latent_space(net, test_data, test_y, paths[3])
+            save_latent_2d(net, test_data, test_y, *paths[2:])
     log("wrote " + ", ".join(paths))
 
 
@@ -532,7 +511,6 @@ def save_interpolation(net, test_data, path, pairs=8, steps=10):
     save_image(net.mean(net.decode(z.reshape(pairs * steps, -1))).cpu(), path, nrow=steps)
 
 
-@torch.no_grad()
 def save_style(net, test_data, test_y, path, seed, rows=4):
     """A CVAE: what z holds once the label is given. Each row decodes one z with each label 0..9
     (columns 2 to 11). The top rows: z ~ N(0, I) (first column blank); the bottom rows: the
@@ -547,38 +525,29 @@ def save_style(net, test_data, test_y, path, seed, rows=4):
     save_image(torch.cat([first, decoded], 1).reshape(-1, 1, 28, 28).cpu(), path, nrow=11)
 
 
-@torch.no_grad()
-def save_manifold(net, path, n=20):
-    """The learned 2-D manifold (Kingma & Welling fig. 4): an n x n grid evenly spaced on the unit
-    square, mapped through the inverse Gaussian CDF (each cell covers the same prior mass of
-    N(0, I)), decoded to their means."""
+def save_latent_2d(net, test_data, labels, manifold_path, space_path, n=20, size=280):
+    """A 2-D latent space both ways through the Gaussian CDF Phi, under which N(0, I) is uniform on the
+    unit square. manifold.png, the learned manifold (Kingma & Welling fig. 4): an n x n grid evenly spaced
+    on the unit square, mapped through Phi^-1 (each cell covers the same prior mass), decoded to their means.
+    latent_space.png, where the test digits land, drawn without a plotting library: each posterior mean
+    mu(x) a 3x3 dot in its class colour on a white canvas, the axes Phi(z) as in manifold.png; a strip of
+    ten swatches below shows the colours of 0, 1, ..., 9 (the "tab10" palette)."""
     q = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
     v = (math.sqrt(2) * torch.erfinv(2 * q - 1)).float()            # Phi^-1(q)
     zy, zx = torch.meshgrid(-v, v, indexing="ij")                   # z_2 grows upwards in the picture
-    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1).to(next(net.parameters()).device)
-    save_image(net.mean(net.decode(z)).cpu(), path, nrow=n, padding=0)
-
-
-# Ten distinguishable colours (the "tab10" palette), one per digit class 0..9.
-PALETTE = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-                        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
-
-
-@torch.no_grad()
-def save_latent_space(net, test_data, labels, path, size=280):
-    """Where the test digits land in a 2-D latent space, drawn without a plotting library: each
-    posterior mean mu(x) is a 3x3 dot in its class colour on a white canvas, the axes Phi(z) in
-    [0, 1] as in manifold.png; a strip of ten swatches below shows the colours of 0, 1, ..., 9."""
+    z = torch.stack([zx.reshape(-1), zy.reshape(-1)], dim=1).to(test_data.device)
+    save_image(net.mean(net.decode(z)).cpu(), manifold_path, nrow=n, padding=0)
+    palette = torch.tensor([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                            [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255
     u = 0.5 * (1 + torch.erf(net.encode(test_data)[0].cpu() / math.sqrt(2)))  # Phi(z) in (0, 1)
     col = (u[:, 0] * (size - 3)).long().clamp(0, size - 3)
     row = ((1 - u[:, 1]) * (size - 3)).long().clamp(0, size - 3)
     canvas = torch.ones(3, size + size // 10, size)
-    for dy in range(3):
-        for dx in range(3):
-            canvas[:, row + dy, col + dx] = PALETTE[labels.cpu()].T
+    for d in range(9):  # the 3x3 dot
+        canvas[:, row + d // 3, col + d % 3] = palette[labels.cpu()].T
     for c in range(10):
-        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = PALETTE[c].view(3, 1, 1)
-    save_image(canvas, path)
+        canvas[:, size + 2:, c * size // 10 + 2:(c + 1) * size // 10 - 2] = palette[c].view(3, 1, 1)
+    save_image(canvas, space_path)
 
 
 # =============================== Run plumbing of this script ================================
@@ -586,19 +555,18 @@ def save_latent_space(net, test_data, labels, path, size=280):
 def check_args(args):
     """Each likelihood has its own knob (one given to the other would be silently ignored); and
     --score-samples needs score.py and its classifier, checked before a long run, not after it."""
-    if args.likelihood == "bernoulli":
-        if args.sigma is not None:
-            fail("--sigma applies to --likelihood gaussian")
-        args.binarize = True if args.binarize is None else args.binarize
-    else:
-        if args.binarize is not None:
-            fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
+    if args.likelihood == "bernoulli" and args.sigma is not None:
+        fail("--sigma applies to --likelihood gaussian")
+    if args.likelihood == "gaussian" and args.binarize is not None:
+        fail("--binarize / --no-binarize apply to --likelihood bernoulli (gaussian data are dequantized)")
+    if args.likelihood == "gaussian":
         args.binarize, args.sigma = False, "learned" if args.sigma is None else args.sigma
-        if args.sigma != "learned":  # kept as the text given: one type, str, in args and checkpoints
-            try:
-                positive_float(args.sigma)
-            except argparse.ArgumentTypeError:
-                fail(f"--sigma: expected 'learned' or a positive number, got {args.sigma!r}")
+    args.binarize = True if args.binarize is None else args.binarize
+    if args.sigma not in (None, "learned"):  # kept as the text given: one type, str, in args and checkpoints
+        try:
+            positive_float(args.sigma)
+        except argparse.ArgumentTypeError:
+            fail(f"--sigma: expected 'learned' or a positive number, got {args.sigma!r}")
     if args.score_samples:
         try:
             import score
@@ -623,39 +591,32 @@ def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per
     weights: a VAE's samples do not need it, and the bound is for the weights that were trained."""
     images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
     train_loss = meter.last.get("loss", float("nan"))
-    net.eval()
-    m = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch,
-         "train_loss": train_loss, "train_images_per_sec": images_per_sec,
+    m = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_loss": train_loss,
+         "train_images_per_sec": images_per_sec,
          "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec else math.nan,
-         "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters()),
-         **held_out(net, test_x, test_y, args, device), "peak_memory_mb": peak_memory_mb(device)}
+         "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
+    held, summary = held_out(net.eval(), test_x, test_y, args, device)
+    m.update({**held, "peak_memory_mb": peak_memory_mb(device)})
     write_json(m, os.path.join(args.out_dir, "metrics.json"))
-    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary(m)} "
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary} "
         f"| {images_per_sec:,.0f} train img/s ({m['seconds_per_epoch']:.2f} s/epoch) "
         f"| peak memory {m['peak_memory_mb']:.0f} MB")
 
 
 def held_out(net, test_x, test_y, args, device, prefix=""):
     """evaluate(), the pictures, and with --score-samples the score: the end of a run and --eval-only.
-    The plain module, not a compiled one: the batch shapes vary (a compiled graph would recompile)."""
+    The plain module, not a compiled one: the batch shapes vary (a compiled graph would recompile).
+    Returns the metrics and one line of them."""
     m = evaluate(make_model_fn(net, device, args.amp), net, test_x, test_y, args, device)
     save_pictures(net, test_x, test_y, args, device, prefix)
     if args.score_samples:
         m["score"] = score_run(net, args, device)
-    return m
-
-
-def summary(m):
-    """One line of the held-out numbers."""
-    s = (f"test -ELBO {m['test_neg_elbo']:.2f} nats (recon {m['test_recon']:.2f} + KL {m['test_kl']:.2f}, "
-         f"median {m['test_neg_elbo_median']:.2f})")
-    if "test_iwae_nll" in m:
-        s += f" | IWAE NLL {m['test_iwae_nll']:.2f} nats (K={m['test_iwae_k']}, {m['test_iwae_images']} images)"
-    if "test_bpd" in m:
-        s += f" | {m['test_bpd']:.3f} bits/dim (ELBO)"
-    if "test_bpd_iwae" in m:
-        s += f", {m['test_bpd_iwae']:.3f} (IWAE)"
-    return s + (f" | FD {m['score']['fd']:.2f} ({m['score']['n']} samples)" if "fd" in m.get("score", {}) else "")
+    parts = [("test -ELBO {test_neg_elbo:.2f} nats (recon {test_recon:.2f} + KL {test_kl:.2f}, median "
+              "{test_neg_elbo_median:.2f})", "test_neg_elbo"),
+             (" | IWAE NLL {test_iwae_nll:.2f} nats (K={test_iwae_k}, {test_iwae_images} images)", "test_iwae_nll"),
+             (" | {test_bpd:.3f} bits/dim (ELBO)", "test_bpd"), (", {test_bpd_iwae:.3f} (IWAE)", "test_bpd_iwae")]
+    fd = f" | FD {m['score']['fd']:.2f} ({m['score']['n']} samples)" if "fd" in m.get("score", {}) else ""
+    return m, "".join(text.format(**m) for text, key in parts if key in m) + fd
 
 
 def eval_only(args):
@@ -663,31 +624,27 @@ def eval_only(args):
     device = setup(args)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "vae")
-    for key in MODEL_KEYS + ("seed",):
-        setattr(args, key, ckpt["config"][key])
+    vars(args).update({key: ckpt["config"][key] for key in MODEL_KEYS + ("seed",)})
     net = build_model(ckpt["config"]).to(device).eval()
     net.load_state_dict(ckpt["model"])
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']})")
     save_grid(net, os.path.join(args.out_dir, "eval_samples.png"), args.num_samples, args.seed, device, args.amp)
-    m = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device),
-         **held_out(net, test_x, test_y, args, device, prefix="eval_")}
-    log(summary(m))
-    write_json(m, os.path.join(args.out_dir, "eval.json"))
+    held, summary = held_out(net, test_x, test_y, args, device, prefix="eval_")
+    log(summary)
+    write_json({"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device), **held},
+               os.path.join(args.out_dir, "eval.json"))
 
 
-@torch.no_grad()
 def save_grid(net, path, n, seed, device, amp):
     """Decoder means of n prior samples z ~ N(0, I), the same z every call (a generator seeded
     seed + SEED_GRID), so the grids of successive epochs show the same latent points. A CVAE:
     one row per digit 0..9, n // 10 samples each."""
     gen = torch.Generator(device=device).manual_seed(seed + SEED_GRID)
-    nrow, y = int(math.ceil(math.sqrt(n))), None
-    if net.num_classes:
-        nrow = max(1, n // 10)
-        n, y = 10 * nrow, torch.arange(10, device=device).repeat_interleave(nrow)
+    nrow = max(1, n // 10) if net.num_classes else int(math.ceil(math.sqrt(n)))
+    y = torch.arange(10, device=device).repeat_interleave(nrow) if net.num_classes else None
     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-        images = net.sample(n, gen, y)
+        images = net.sample(n if y is None else len(y), gen, y)
     save_image(images.cpu(), path, nrow=nrow)
 
 
