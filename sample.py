@@ -1,10 +1,11 @@
 """
 sample.py: draw pictures and sample arrays from a checkpoint of any of the project's models.
 
-A checkpoint says what it is: `kind` ("ddpm", "vae", "vae_no_encoder", "latent_diffusion") and `config` (the
-training command's flags). This script reads both, rebuilds the network with that script's
-own `build_model`, loads the weights as data (`weights_only=True`: no code in a checkpoint
-ever runs), and draws. Sampling is what each tutorial file explains; here it is only called.
+A checkpoint says what it is: `kind` ("ddpm", "vae", "vae_no_encoder", "latent_diffusion",
+"discrete_diffusion") and `config` (the training command's flags). This script reads both,
+rebuilds the network with that script's own `build_model`, loads the weights as data
+(`weights_only=True`: no code in a checkpoint ever runs), and draws. Sampling is what each
+tutorial file explains; here it is only called.
 
     python sample.py --ckpt out/ddpm/ckpt.pt                                    # 64 samples -> out/ddpm/samples.png
     python sample.py --ckpt out/ddpm/ckpt.pt --sampler ddpm --trajectory          # ancestral, all T steps
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 import ddpm
+import discrete_diffusion
 import latent_diffusion
 import vae
 import vae_no_encoder
@@ -115,7 +117,7 @@ def load_any_checkpoint(path):
 def load_network(ckpt, device, raw_weights=False):
     """The network of the checkpoint in eval mode. Diffusion: the EMA weights unless raw_weights."""
     net = KINDS[ckpt["kind"]][0].build_model(ckpt["config"])
-    use_ema = ckpt["kind"] in DIFFUSION and not raw_weights
+    use_ema = ckpt["kind"] in DIFFUSION + ("discrete_diffusion",) and not raw_weights
     net.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     return net.to(device).eval()
 
@@ -168,16 +170,30 @@ def latent_diffusion_drawer(ckpt, net, args, device, gen):
     return draw
 
 
+def discrete_diffusion_drawer(ckpt, net, args, device, gen):
+    config = ckpt["config"]  # ancestral sampling over all T steps; pixels are categories, shown as grey levels
+    sched = discrete_diffusion.make_schedule(config["transition"], config["levels"], config["timesteps"], device)
+    model_fn = discrete_diffusion.make_model_fn(net, device, args.amp, args.compile)
+
+    def draw(b, y=None, on_step=None):  # on_step(x) after every step, x in [-1, 1] ([MASK]: 0, mid-grey)
+        step = on_step and (lambda x, t: on_step(2 * discrete_diffusion.to_pixels(x, config["levels"]) - 1))
+        x = discrete_diffusion.sample(model_fn, sched, b, None, gen, step)
+        return discrete_diffusion.to_pixels(x, config["levels"])
+    return draw
+
+
 # Each kind of checkpoint: the script that wrote it (its build_model, setup and CKPT_VERSION)
 # and its drawer. A new kind is a row here, a drawer above, and its flags in ONLY_FOR.
 KINDS = {"ddpm": (ddpm, ddpm_drawer), "vae": (vae, vae_drawer),
          "vae_no_encoder": (vae_no_encoder, vae_no_encoder_drawer),
-         "latent_diffusion": (latent_diffusion, latent_diffusion_drawer)}
+         "latent_diffusion": (latent_diffusion, latent_diffusion_drawer),
+         "discrete_diffusion": (discrete_diffusion, discrete_diffusion_drawer)}
 
 # Which flags apply to which kind: a flag given for another kind is an error, not ignored.
 DIFFUSION = ("ddpm", "latent_diffusion")  # these keep EMA weights (--raw-weights) and have a sampler
-ONLY_FOR = {"sampler": DIFFUSION, "sample_steps": DIFFUSION, "eta": DIFFUSION, "raw_weights": DIFFUSION,
-            "trajectory": ("ddpm",), "guidance": ("ddpm",), "guidance_sweep": ("ddpm",), "inpaint": ("ddpm",),
+ONLY_FOR = {"sampler": DIFFUSION, "sample_steps": DIFFUSION, "eta": DIFFUSION,
+            "raw_weights": DIFFUSION + ("discrete_diffusion",), "trajectory": ("ddpm", "discrete_diffusion"),
+            "guidance": ("ddpm",), "guidance_sweep": ("ddpm",), "inpaint": ("ddpm",),
             "resample": ("ddpm",), "completions": ("ddpm",), "interpolate": ("vae",), "reconstruct": ("vae",),
             "prior": ("vae_no_encoder",)}
 
@@ -249,7 +265,7 @@ def write_trajectory(draw, args, path, y=None, rows=8, columns=10):
     keep = sorted({int(round(v)) for v in np.linspace(0, len(xs) - 1, columns)})  # fewer if fewer steps
     strip = torch.stack([(xs[i] + 1) / 2 for i in keep], dim=1)  # (rows, columns, 1, 28, 28)
     ddpm.save_image(strip.reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), path, nrow=len(keep))
-    log(f"wrote {path} ({rows} samples x {len(keep)} steps of {args.sampler})")
+    log(f"wrote {path} ({rows} samples x {len(keep)} steps of {args.sampler or 'ancestral sampling'})")
 
 
 def vae_pictures(net, config, args, device, gen, out_stem):

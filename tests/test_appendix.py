@@ -41,13 +41,15 @@ def test_a_script_that_imports_a_sibling_imports_its_plumbing():
 
 
 # Math that two chapters need and neither may import from the other (vae.py imports nothing;
-# vae_no_encoder.py only unet.py): one name, one signature, one text.
+# vae_no_encoder.py and discrete_diffusion.py only unet.py): one name, one signature, one text.
 SHARED_MATH = [
     ("normal_kl", ["ddpm", "vae", "vae_no_encoder"]),
     ("log_ndtr", ["ddpm", "vae_no_encoder"]),
     ("log_normal_cdf_diff", ["ddpm", "vae_no_encoder"]),
     ("discretized_gaussian_log_likelihood", ["ddpm", "vae_no_encoder"]),
     ("to_model_range", ["ddpm", "vae_no_encoder"]),
+    ("ema_decay", ["ddpm", "discrete_diffusion"]),
+    ("ema_update", ["ddpm", "discrete_diffusion"]),
 ]
 
 
