@@ -50,6 +50,7 @@ SHARED_MATH = [
     ("to_model_range", ["ddpm", "vae_no_encoder"]),
     ("ema_decay", ["ddpm", "discrete_diffusion"]),
     ("ema_update", ["ddpm", "discrete_diffusion"]),
+    ("parse_channel_mult", ["ddpm", "discrete_diffusion"]),
 ]
 
 
