@@ -534,7 +534,8 @@ def train(args):
     train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     steps_per_epoch, total_steps = run_length(args, len(train_x))
-    make_out_dir(args.out_dir)
+    if rank == 0:  # DDP: one writer
+        make_out_dir(args.out_dir)
 
     sched = make_schedule(args.schedule, args.timesteps, device)
     net = build_model(vars(args)).to(device)

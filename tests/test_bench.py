@@ -9,7 +9,7 @@ import torch
 import bench
 import ddpm
 
-TINY_DDPM = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--batch-size", "4",
+TINY_DDPM = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--no-attention", "--batch-size", "4",
              "--device", "cpu"]
 FAST = ["--steps", "2", "--warmup", "1", "--sample-n", "3"]
 

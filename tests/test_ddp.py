@@ -1,7 +1,9 @@
 """torchrun DDP for ddpm.py on the CPU (gloo backend, 2 processes, the fake MNIST): the ranks
 stay in lockstep, split each global batch, draw their own noise, and only rank 0 writes;
-the checkpoint loads in sample.py and a resumed DDP run continues the step count."""
+the checkpoint loads in sample.py and a resumed DDP run continues the step count. (The run and
+its --resume share one torchrun start, which costs more than the runs: tests/ddp_worker.py.)"""
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,29 +11,42 @@ import pytest
 import torch
 
 from conftest import ROOT
+from ddp_worker import RUN_MARK
 
-TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--attention",
+TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--no-attention",
         "--batch-size", "32", "--log-every", "4", "--num-samples", "4", "--eval-images", "0", "--device", "cpu"]
 
 
-def torchrun(probe_dir, *args, nproc=2):
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(probe_dir, *runs, nproc=2):
+    """Each of runs (a list of ddpm.py flags) in turn, in the same nproc processes: for each run
+    (its part of the log, each rank's probe record)."""
     os.makedirs(probe_dir, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               **{f"DDP_TEST_PORT_{i}": str(free_port()) for i in range(1, len(runs))})
+    flags = [str(a) for i, run in enumerate(runs) for a in (["--then"] if i else []) + run]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "tests", "ddp_worker.py"), str(probe_dir), *map(str, args)]
+           os.path.join(ROOT, "tests", "ddp_worker.py"), str(probe_dir), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, [torch.load(os.path.join(probe_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc)]
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n".join(l for l in proc.stderr.splitlines() if "error" in l)[-3000:]
+    logs = proc.stdout.split(RUN_MARK)
+    assert len(logs) == len(runs)
+    return [(logs[i], [torch.load(os.path.join(probe_dir, f"run{i}_rank{r}.pt"), weights_only=True)
+                       for r in range(nproc)]) for i in range(len(runs))]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(fake_mnist, tmp_path_factory):
     """One epoch (256 digits, global batch 32: 8 steps) on 2 ranks, then --resume for a second."""
     out = tmp_path_factory.mktemp("ddp")
-    first = torchrun(out / "probe1", "--data-dir", fake_mnist, "--out-dir", out / "run", *TINY, "--epochs", "1")
-    ckpt_after_first = torch.load(out / "run" / "ckpt.pt", weights_only=True)
-    second = torchrun(out / "probe2", "--data-dir", fake_mnist, "--out-dir", out / "run", *TINY, "--epochs", "2",
-                      "--resume")
+    run = ["--data-dir", fake_mnist, "--out-dir", out / "run", *TINY]
+    first, second = torchrun(out / "probe", run + ["--epochs", "1"], run + ["--epochs", "2", "--resume"])
+    ckpt_after_first = torch.load(out / "probe" / "run0_ckpt.pt", weights_only=True)
     return out, first, ckpt_after_first, second
 
 
@@ -65,20 +80,20 @@ def test_ranks_draw_their_own_noise(ddp_run):
 
 def test_rank_zero_alone_writes_and_the_checkpoint_loads_in_sample_py(ddp_run, tmp_path):
     import sample
-    out, (proc, ranks), _, _ = ddp_run
+    out, (stdout, ranks), _, _ = ddp_run
     assert ranks[0]["checkpoints"] >= 1 and ranks[0]["grids"] >= 1
     assert ranks[1]["checkpoints"] == 0 and ranks[1]["grids"] == 0
-    assert proc.stdout.count("ddpm: ") == 1  # one log, rank 0's
-    assert "x 2 processes (16 images each)" in proc.stdout
+    assert stdout.count("ddpm: ") == 1  # one log, rank 0's
+    assert "x 2 processes (16 images each)" in stdout
     sample.main(["--ckpt", str(out / "run" / "ckpt.pt"), "--n", "4", "--device", "cpu", "--out",
                  str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").exists()
 
 
 def test_a_resumed_ddp_run_continues_the_step_count(ddp_run):
-    out, (_, first), ckpt_after_first, (proc, resumed) = ddp_run
+    out, (_, first), ckpt_after_first, (stdout, resumed) = ddp_run
     assert ckpt_after_first["step"] == 8
-    assert "resumed at step 8" in proc.stdout
+    assert "resumed at step 8" in stdout
     assert torch.load(out / "run" / "ckpt.pt", weights_only=True)["step"] == 16
     # the checkpoint holds the weights of the last step, and the resumed ranks start from them
     saved = torch.cat([p.flatten() for p in ckpt_after_first["model"].values()])  # the U-Net has no buffers

@@ -238,7 +238,7 @@ def test_test_digits_are_vae_binarization_and_levels_quantize():
 
 # --- the script ----------------------------------------------------------------------------------
 
-TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "6", "--batch-size", "16",
+TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "6", "--no-attention", "--batch-size", "16",
         "--log-every", "2", "--num-samples", "4", "--device", "cpu", "--sample-every", "5"]
 
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 TRAINING_SCRIPTS = {
-    "ddpm.py": ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10",
+    "ddpm.py": ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--no-attention",
                 "--eval-images", "0", "--num-samples", "4", "--sampler", "ddim", "--sample-steps", "3"],
     "vae.py": ["--hidden-dim", "16", "--latent-dim", "3", "--iw-samples", "0", "--num-samples", "4"],
     "vae_no_encoder.py": ["--channels", "8"],
