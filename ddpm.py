@@ -32,11 +32,9 @@ Run:
 Writes to --out-dir (default out/ddpm): ckpt.pt (raw + EMA weights, optimizer, step, RNG),
 samples_epoch_NNN.png (from the EMA weights), metrics.json (config, losses, bits/dim, speed).
 
-Reading order: the knobs -> the data -> schedules -> forward process -> what the network
-predicts -> loss -> samplers -> the bound in bits/dim -> EMA -> the training step and train()
--> evaluate() -> main(). Then the extensions (labels and guidance, inpainting, speed on GPUs,
-several GPUs), this script's run plumbing, and the appendix shared by every script.
-Time indices are 0-based: t in [0, T), x_{T-1} is (almost) pure noise, the data x_0 is x0.
+Sections 0-9 are the algorithm, then the extensions (guidance, inpainting, speed on GPUs,
+torchrun), this script's run plumbing, and the appendix shared by every script. Time indices
+are 0-based: t in [0, T), x_{T-1} is (almost) pure noise, the data x_0 is x0.
 """
 
 import argparse
@@ -532,7 +530,7 @@ def train(args):
     check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
     torch.manual_seed(args.seed)
     train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
-    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
+    test = load_mnist(args.data_dir, train=False, device=device)
     steps_per_epoch, total_steps = run_length(args, len(train_x))
     if rank == 0:  # DDP: one writer
         make_out_dir(args.out_dir)
@@ -588,7 +586,7 @@ def train(args):
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
     if rank == 0:
-        finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, time.perf_counter() - t_start,
+        finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, time.perf_counter() - t_start,
                seconds_before + meter.training_seconds(), sample_speed, sum(p.numel() for p in net.parameters()))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -754,10 +752,9 @@ def adam_options(device):
 def replayable(train_step, device, enabled, warmup=3):
     """train_step, on CUDA (if enabled) recorded as a CUDA graph after `warmup` eager steps and
     replayed from then on (PyTorch's CUDA semantics notes, "whole-network capture"). The warm-up
-    steps are real training steps; they run on a side stream, as the recording must, and create
-    what a recording cannot (optimizer state, cuDNN plans, compiled kernels). If the recording
-    fails (an older torch, an op that cannot be captured), one line says so and the step runs
-    eagerly from then on. Elsewhere: train_step itself."""
+    steps are real training steps, on a side stream as the recording must be; they create what a
+    recording cannot (optimizer state, cuDNN plans, compiled kernels). A failed recording says so
+    in one line and the step runs eagerly. Elsewhere: train_step itself."""
     if not enabled or device.type != "cuda":
         return train_step
     torch.backends.cudnn.benchmark = True  # eager: 51.3 -> 47.2 ms a step on the H200 (issue 21)
@@ -811,13 +808,8 @@ PEAK_TFLOPS = {  # name as torch.cuda.get_device_name() has it: (bf16, tf32) den
 
 def peak_flops(device, amp):
     """The device's peak FLOP/s for the network's precision, or None for a device not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return 1e12 * (bf16 if amp else tf32)
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((1e12 * (bf16 if amp else tf32) for key, (bf16, tf32) in PEAK_TFLOPS.items() if key in name), None)
 
 
 def training_flops_per_image(net, sched, args, device, batch=2):
@@ -827,8 +819,7 @@ def training_flops_per_image(net, sched, args, device, batch=2):
     x0, gen = torch.zeros(batch, 1, 28, 28, device=device), torch.Generator(device=device).manual_seed(0)
     model_fn = with_labels(net, torch.zeros(batch, dtype=torch.long, device=device)) if args.class_cond else net
     with FlopCounterMode(display=False) as counter:
-        loss, _ = diffusion_loss(model_fn, sched, x0, args.pred, gen)
-        loss.mean().backward()
+        diffusion_loss(model_fn, sched, x0, args.pred, gen)[0].mean().backward()
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 
@@ -947,39 +938,37 @@ def eval_only(args):
     for key in MODEL_KEYS + ("seed",):
         setattr(args, key, ckpt["config"][key])
     check_guidance(args)
-    sched = make_schedule(args.schedule, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
-    ema_fn = make_model_fn(ema, device, args.amp)
-    test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
-    metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
-    metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
-    path = os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png")
-    metrics["sample_images_per_sec"] = save_grid(ema_fn, sched, args, device, path)
+    ema_fn, sched = make_model_fn(ema, device, args.amp), make_schedule(args.schedule, args.timesteps, device)
+    speed = save_grid(ema_fn, sched, args, device, os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png"))
+    test = load_mnist(args.data_dir, train=False, device=device)
+    report(args, device, ema_fn, sched, test, "eval.json", checkpoint=ckpt_path, step=ckpt["step"], sample_images_per_sec=speed)
+
+
+def report(args, device, ema_fn, sched, test, name, **metrics):
+    """Held-out metrics of the EMA weights on test (images, labels), and --score-samples, written
+    to out-dir/name with the run's own figures (metrics)."""
+    metrics.update(evaluate(ema_fn, sched, *test, args, device), device=describe(device))
     if args.score_samples:
         metrics["score"] = score_run(ema_fn, sched, args, device, metrics["sample_images_per_sec"])
-    write_json(metrics, os.path.join(args.out_dir, "eval.json"))
+    write_json({**metrics, "peak_memory_mb": peak_memory_mb(device)}, os.path.join(args.out_dir, name))
+    return metrics
 
 
-def finish(args, device, ema_fn, sched, test_x, test_y, meter, step, steps_per_epoch, wall, train_seconds, sample_speed,
-           n_params):
-    """The end of a run: held-out metrics of the EMA weights, metrics.json and a summary line."""
+def finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, wall, train_seconds, sample_speed, n_params):
+    """The end of a run: metrics.json and a summary line."""
     images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
-    metrics = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_seconds": train_seconds,
-               "train_loss": meter.last.get("loss", math.nan), "train_images_per_sec": images_per_sec,
-               "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device),
-               "parameters": n_params}
-    metrics.update(evaluate(ema_fn, sched, test_x, test_y, args, device))
-    if args.score_samples:
-        metrics["score"] = score_run(ema_fn, sched, args, device, sample_speed)
-    metrics["peak_memory_mb"] = peak_memory_mb(device)
-    write_json(metrics, os.path.join(args.out_dir, "metrics.json"))
-    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {metrics['train_loss']:.4f} | test loss "
-        f"{metrics['test_loss']:.4f}" + (f" | test bound {metrics['test_bpd']:.3f} bits/dim" if "test_bpd" in metrics else "")
-        + (f" (label dropped: {metrics['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in metrics else "")
-        + (f" | FD {metrics['score']['fd']:.2f} (N={args.score_samples})" if "fd" in metrics.get("score", {}) else "")
-        + f" | {images_per_sec:,.0f} train img/s | peak memory {metrics['peak_memory_mb']:.0f} MB")
+    m = report(args, device, ema_fn, sched, test, "metrics.json", config=vars(args), step=step,
+               epochs_done=step / steps_per_epoch, train_seconds=train_seconds, train_loss=meter.last.get("loss", math.nan),
+               train_images_per_sec=images_per_sec, sample_images_per_sec=sample_speed, wall_time_s=wall,
+               parameters=n_params)
+    log(f"done: {step} steps in {wall / 60:.1f} min | train loss {m['train_loss']:.4f} | test loss {m['test_loss']:.4f}"
+        + (f" | test bound {m['test_bpd']:.3f} bits/dim" if "test_bpd" in m else "")
+        + (f" (label dropped: {m['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in m else "")
+        + (f" | FD {m['score']['fd']:.2f} (N={args.score_samples})" if "fd" in m.get("score", {}) else "")
+        + f" | {images_per_sec:,.0f} train img/s | peak memory {peak_memory_mb(device):.0f} MB")
 
 
 def run_description(args, net, n_train, steps_per_epoch, total_steps, device, world):
@@ -1095,20 +1084,17 @@ def make_out_dir(path):
 
 
 def setup(args):
-    """The device, and what depends on it: compile and bf16 default on for CUDA only, TF32 on."""
-    device = get_device(args.device)
+    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: compile and bf16
+    default on for CUDA only, TF32 on."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d, ok in available.items() if ok) if args.device == "auto" else args.device
+    if not available[name]:
+        fail(f"--device {name} asked, but it is not available")
+    device = torch.device(name)
     args.compile = (device.type == "cuda") if args.compile is None else args.compile
     args.amp = (device.type == "cuda") if args.amp is None else args.amp
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
-
-
-def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        fail(f"--device {name} asked, but it is not available")
-    return torch.device(name)
 
 
 def make_model_fn(net, device, amp, compile=False):

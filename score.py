@@ -595,20 +595,17 @@ def make_out_dir(path):
 
 
 def setup(args):
-    """The device, and what depends on it: compile and bf16 default on for CUDA only, TF32 on."""
-    device = get_device(args.device)
+    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: compile and bf16
+    default on for CUDA only, TF32 on."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d, ok in available.items() if ok) if args.device == "auto" else args.device
+    if not available[name]:
+        fail(f"--device {name} asked, but it is not available")
+    device = torch.device(name)
     args.compile = (device.type == "cuda") if args.compile is None else args.compile
     args.amp = (device.type == "cuda") if args.amp is None else args.amp
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
-
-
-def get_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        fail(f"--device {name} asked, but it is not available")
-    return torch.device(name)
 
 
 def make_model_fn(net, device, amp, compile=False):
