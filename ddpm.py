@@ -493,9 +493,12 @@ def ema_decay(k, max_decay):
 
 @torch.no_grad()
 def ema_update(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, for every parameter in one fused call.
-    Parameters only: the schedule is not part of the network, and GroupNorm has no buffers."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * param, for all parameters at once (fused _foreach calls).
+    decay may be a device tensor: it is never read on the host (a GPU records this update inside
+    the training step). Parameters only: the schedule is not part of the network, and GroupNorm
+    has no buffers."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - decay))
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm
 
@@ -85,8 +86,37 @@ def test_the_step_function_trains_as_the_plain_loop():
         assert (net_b(x, t, y) - ema_b(x, t, y)).abs().max() > 1e-3  # the EMA lags the weights
 
 
+class OpRecorder(TorchDispatchMode):
+    """The names of the aten ops that run inside it."""
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_step_never_reads_a_number_back_to_the_host():
+    """A CUDA graph cannot record a read of a device number by the host (tensor.item(), or a 0-d
+    tensor passed where a Python number is expected), and in an eager step each such read stalls
+    until the GPU catches up. On the CPU the read shows as the op aten._local_scalar_dense: none
+    may run in a step whose learning rate and EMA decay are tensors. (The EMA update as
+    torch._foreach_lerp_(ema, params, 1 - decay) was one: _foreach_lerp_ takes no tensor weight.)"""
+    net, ema, _, _, sched, images, labels = setup_pair(steps=2, batch=4)
+    lr, decay = torch.tensor(CONFIG["lr"]), torch.tensor(0.5)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **ddpm.adam_options(torch.device("cpu")))
+    train_step = ddpm.make_train_step(ddpm.make_model_fn(net, torch.device("cpu"), amp=False), net, ema, opt, sched,
+                                      argparse.Namespace(**CONFIG))
+    train_step(images[0], labels[0], decay)  # the first step creates the optimizer's state
+    with OpRecorder() as recorder:
+        train_step(images[1], labels[1], decay)
+    assert any("_fused_adamw_" in op for op in recorder.ops) and any("_foreach_" in op for op in recorder.ops)
+    assert not [op for op in recorder.ops if "_local_scalar_dense" in op]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu():
+def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu(capsys):
     device = torch.device("cuda")
     results = []
     for record in (False, True):
@@ -104,5 +134,7 @@ def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu():
             decay.fill_(ddpm.ema_decay(step, CONFIG["ema_decay"]))
             step_fn(images[step].to(device), labels[step].to(device), decay)
         results.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    out = capsys.readouterr().out
+    assert "recording of the step as a CUDA graph" in out and "could not record" not in out, out
     assert torch.isfinite(results[1]).all()
     assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-5), (results[0] - results[1]).abs().max()
