@@ -54,6 +54,9 @@ def parse_args(argv=None):
     g.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="torch.compile mode for the script's --compile (reduce-overhead: CUDA graphs)")
     g.add_argument("--channels-last", action="store_true", help="the network's weights and activations in NHWC")
+    g.add_argument("--force-layout", action="store_true",
+                   help="inductor's layout optimisation (NHWC inside the compiled graph) forced on: its own "
+                        "heuristic turns it off for this U-Net")
     g.add_argument("--sync-debug", action="store_true",
                    help="CUDA: warn (with a stack) at every host-device sync inside the timed steps")
     p.prog = "bench.py"
@@ -240,8 +243,12 @@ def main(argv=None):
     args, rest = parse_args(argv)
     m, config = script_config(args.script, rest)
     device = m.setup(config)
-    if args.compile_mode and not config.compile:
-        fail(f"--compile-mode needs torch.compile: pass --compile (on by default on CUDA only; here {device.type})")
+    for flag, asked in (("--compile-mode", args.compile_mode), ("--force-layout", args.force_layout)):
+        if asked and not config.compile:
+            fail(f"{flag} needs torch.compile: pass --compile (on by default on CUDA only; here {device.type})")
+    if args.force_layout:
+        import torch._inductor.config as inductor_config
+        inductor_config.force_layout_optimization = True
     cuda = device.type == "cuda"
     steps, warmup = args.steps or (50 if cuda else 10), args.warmup if args.warmup is not None else (10 if cuda else 2)
     sample_n = args.sample_n or (10_000 if cuda else 100)
@@ -254,7 +261,8 @@ def main(argv=None):
     name = m.describe(device)
     log(f"bench: {args.script}.py {' '.join(rest) or '(defaults)'} | {n_params / 1e6:.2f}M parameters, batch "
         f"{config.batch_size} | {name}, compile={config.compile}" + (f" ({args.compile_mode})" if args.compile_mode else "")
-        + f", amp={config.amp}" + (", channels_last" if args.channels_last else "") + f" | torch {torch.__version__}")
+        + f", amp={config.amp}" + (", channels_last" if args.channels_last else "")
+        + (", inductor layout forced" if args.force_layout else "") + f" | torch {torch.__version__}")
 
     flops = parts["flops"]() if "flops" in parts else count_flops_per_image(parts["net"], parts["loss_of"], device)
     with compile_mode(args.compile_mode):
@@ -264,7 +272,7 @@ def main(argv=None):
     peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
     result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
-              "channels_last": args.channels_last, "device": name, "torch": torch.__version__,
+              "channels_last": args.channels_last, "force_layout": args.force_layout, "device": name, "torch": torch.__version__,
               "compile": config.compile, "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,

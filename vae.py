@@ -376,6 +376,7 @@ def train(args):
     def save():  # no EMA of the weights (ckpt "ema" is None): see finish()
         save_checkpoint(ckpt_path, "vae", args, step, step // steps_per_epoch, device,
                         model=net, ema=None, optimizer=opt)
+    sample_speed = None
     try:  # no net.train(): a new module starts in training mode
         while step < total_steps:
             for images, labels in epoch_batches((train_x, train_y), step, steps_per_epoch, args.batch_size, args.seed):
@@ -396,15 +397,15 @@ def train(args):
                 epoch = step // steps_per_epoch
                 if (step % steps_per_epoch == 0 and epoch % args.sample_every == 0) or step >= total_steps:
                     path = os.path.join(args.out_dir, f"samples_epoch_{epoch:03d}.png")
-                    save_grid(net.eval(), path, args.num_samples, args.seed, device, args.amp)
+                    sample_speed = save_grid(net.eval(), path, args.num_samples, args.seed, device, args.amp)
                     net.train()
-                    log(f"wrote {path}")
                 save()  # each epoch, so an interruption loses at most one
     except KeyboardInterrupt:
         save()
         log(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume")
         sys.exit(130)
-    finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, time.perf_counter() - t_start)
+    finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, time.perf_counter() - t_start,
+           sample_speed)
 
 
 def eval_data(test_x, likelihood, binarized, seed, device):
@@ -586,20 +587,18 @@ def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
             + (f" | at the end: {args.score_samples} prior samples scored" if args.score_samples else ""))
 
 
-def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, wall):
+def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per_epoch, wall, sample_speed):
     """The end of a run: held-out metrics, pictures, metrics.json, a summary line. No EMA of the
     weights: a VAE's samples do not need it, and the bound is for the weights that were trained."""
     images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
     train_loss = meter.last.get("loss", float("nan"))
     m = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_loss": train_loss,
-         "train_images_per_sec": images_per_sec,
-         "seconds_per_epoch": steps_per_epoch * args.batch_size / images_per_sec if images_per_sec else math.nan,
-         "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
+         "train_images_per_sec": images_per_sec, "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
     held, summary = held_out(net.eval(), test_x, test_y, args, device)
     m.update({**held, "peak_memory_mb": peak_memory_mb(device)})
     write_json(m, os.path.join(args.out_dir, "metrics.json"))
     log(f"done: {step} steps in {wall / 60:.1f} min | train loss {train_loss:.2f} | {summary} "
-        f"| {images_per_sec:,.0f} train img/s ({m['seconds_per_epoch']:.2f} s/epoch) "
+        f"| {images_per_sec:,.0f} train img/s "
         f"| peak memory {m['peak_memory_mb']:.0f} MB")
 
 
@@ -629,23 +628,28 @@ def eval_only(args):
     net.load_state_dict(ckpt["model"])
     test_x, test_y = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']})")
-    save_grid(net, os.path.join(args.out_dir, "eval_samples.png"), args.num_samples, args.seed, device, args.amp)
+    speed = save_grid(net, os.path.join(args.out_dir, "eval_samples.png"), args.num_samples, args.seed, device, args.amp)
     held, summary = held_out(net, test_x, test_y, args, device, prefix="eval_")
     log(summary)
-    write_json({"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device), **held},
+    write_json({"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device), "sample_images_per_sec": speed,
+                **held},
                os.path.join(args.out_dir, "eval.json"))
 
 
 def save_grid(net, path, n, seed, device, amp):
     """Decoder means of n prior samples z ~ N(0, I), the same z every call (a generator seeded
     seed + SEED_GRID), so the grids of successive epochs show the same latent points. A CVAE:
-    one row per digit 0..9, n // 10 samples each."""
+    one row per digit 0..9, n // 10 samples each. Returns the sampling speed in images/s."""
     gen = torch.Generator(device=device).manual_seed(seed + SEED_GRID)
     nrow = max(1, n // 10) if net.num_classes else int(math.ceil(math.sqrt(n)))
     y = torch.arange(10, device=device).repeat_interleave(nrow) if net.num_classes else None
+    t0 = time.perf_counter()
     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-        images = net.sample(n if y is None else len(y), gen, y)
-    save_image(images.cpu(), path, nrow=nrow)
+        images = net.sample(n if y is None else len(y), gen, y).cpu()
+    speed = len(images) / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
+    save_image(images, path, nrow=nrow)
+    log(f"wrote {path} ({len(images) / speed:.2f}s)")
+    return speed
 
 
 def score_run(net, args, device):

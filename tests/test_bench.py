@@ -110,3 +110,10 @@ def test_speed_experiment_flags(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main([*FAST, *TINY_DDPM, "--compile-mode", "max-autotune"])  # a CPU: no compile by default
     assert "--compile-mode needs torch.compile" in capsys.readouterr().err
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "force_layout_optimization", False)
+    assert bench.main([*FAST, *TINY_DDPM, "--compile", "--force-layout"])["force_layout"]
+    assert inductor_config.force_layout_optimization
+    with pytest.raises(SystemExit):
+        bench.main([*FAST, *TINY_DDPM, "--force-layout"])
+    assert "--force-layout needs torch.compile" in capsys.readouterr().err

@@ -263,6 +263,7 @@ def test_cli_train_resume_eval(fake_mnist, run_script, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["step"] == 3 and m["test_iwae_k"] == 20 and math.isfinite(m["test_iwae_nll"])
     assert m["test_neg_elbo"] == pytest.approx(m["test_recon"] + m["test_kl"])
+    assert m["train_images_per_sec"] > 0 and m["sample_images_per_sec"] > 0  # the keys of every script's metrics
 
     # resume (in-process through main(), the same code path, to save a second interpreter start):
     # continues at step 3 to the end of epoch 2 (256 images // 32 = 8 steps/epoch)
