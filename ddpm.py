@@ -762,6 +762,11 @@ def replayable(train_step, device, enabled, warmup=3):
         return train_step
     torch.backends.cudnn.benchmark = True  # eager: 51.3 -> 47.2 ms a step on the H200 (issue 21)
     torch._dynamo.config.suppress_errors = True  # a network that fails to compile runs eagerly
+    # A recording cannot reuse bf16 copies of the weights that autocast cached outside it, so its
+    # cache is off, from the first warm-up step on: torch.compile guards on that flag, and turning
+    # it off only to record would recompile while recording. (It saved nothing: every model_fn call
+    # is an autocast region of its own, and the cache lives for one region.)
+    torch.set_autocast_cache_enabled(False)
     state = {"calls": 0, "graph": None}
 
     def run(*inputs):
@@ -777,7 +782,6 @@ def replayable(train_step, device, enabled, warmup=3):
         if state["graph"] is None:
             try:
                 state["inputs"], state["graph"] = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
-                torch.set_autocast_cache_enabled(False)  # a recording cannot reuse casts made outside it
                 with torch.cuda.graph(state["graph"]):
                     state["outputs"] = train_step(*state["inputs"])
                 log(f"{warmup} eager steps (torch.compile, if on) and the recording of the step as a CUDA graph: "
@@ -786,8 +790,6 @@ def replayable(train_step, device, enabled, warmup=3):
                 state["graph"] = False
                 log(f"could not record the training step as a CUDA graph ({type(e).__name__}: {str(e)[:120]}); "
                     f"training with the eager step")
-            finally:
-                torch.set_autocast_cache_enabled(True)
         if state["graph"] is False:
             return train_step(*inputs)
         for static, x in zip(state["inputs"], inputs):

@@ -1,6 +1,7 @@
 """ddpm.py's training step (make_train_step, and its recording on a GPU by replayable) against
 a plain training loop written out here: the same losses and weights."""
 import argparse
+import contextlib
 import copy
 
 import pytest
@@ -138,3 +139,109 @@ def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu(capsys):
     assert "recording of the step as a CUDA graph" in out and "could not record" not in out, out
     assert torch.isfinite(results[1]).all()
     assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-5), (results[0] - results[1]).abs().max()
+
+
+class TinyNet(torch.nn.Module):
+    """A network with the U-Net's call signature, small enough to compile in a second or two."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.time = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Embedding(20, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) + self.time(t).view(-1, 1, 1, 1)
+
+
+class StandInGraph:
+    """torch.cuda.CUDAGraph's stand-in: a real recording runs nothing and a replay re-runs the
+    recorded kernels on the recorded tensors; here the recording runs the step once (noted as
+    such) and replay() calls it again on the recorded inputs, writing into the recorded outputs."""
+    current = None
+
+    def __init__(self):
+        self.run = self.outputs = None
+
+    def replay(self):
+        for recorded, new in zip(self.outputs, self.run()):
+            recorded.copy_(new)
+
+
+@contextlib.contextmanager
+def stand_in_recording(graph, **_):
+    StandInGraph.current = graph
+    try:
+        yield
+    finally:
+        StandInGraph.current = None
+
+
+def replay_on_stand_ins(monkeypatch, steps, fail_recording=False):
+    """ddpm.replayable's logic on the CPU: torch.compile (aot_eager), bf16 autocast and a
+    tensor learning rate and decay as train() has them, CUDA's streams and graph replaced by
+    stand-ins. Returns, per call of the step function: (phase, the images it saw), and the losses."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: argparse.Namespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: argparse.Namespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    if fail_recording:
+        def stand_in_recording_fails(graph, **_):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        monkeypatch.setattr(torch.cuda, "graph", stand_in_recording_fails)
+    else:
+        monkeypatch.setattr(torch.cuda, "graph", stand_in_recording)
+    torch.manual_seed(0)
+    net = TinyNet()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    lr, decay = torch.tensor(1e-2), torch.tensor(0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    model_fn = ddpm.make_model_fn(torch.compile(net, backend="aot_eager"), torch.device("cpu"), amp=True)
+    config = argparse.Namespace(**{**CONFIG, "class_cond": False})
+    step_fn = ddpm.make_train_step(model_fn, net, ema, opt, ddpm.make_schedule("cosine", 20), config)
+    seen = []
+
+    def spy(images, labels, decay):
+        graph = StandInGraph.current
+        seen.append(("recording" if graph else "replay" if spy.recorded else "eager", images.clone()))
+        out = step_fn(images, labels, decay)
+        if graph:
+            graph.run, graph.outputs, spy.recorded = lambda: spy(images, labels, decay), out, True
+        return out
+    spy.recorded = False
+    run = ddpm.replayable(spy, torch.device("cuda"), enabled=True)
+    images = torch.randint(0, 256, (steps, 4, 28, 28), dtype=torch.uint8)
+    losses = []
+    try:
+        for step in range(steps):
+            if step == 3:  # from here on a recompile of the network is an error
+                torch.compiler.set_stance("fail_on_recompile")
+            lr.fill_(1e-2 / (1 + step))
+            decay.fill_(ddpm.ema_decay(step, 0.999))
+            loss, t = run(images[step], torch.zeros(4, dtype=torch.long), decay)
+            losses.append(loss.clone())
+    finally:
+        torch.compiler.set_stance("default")
+        torch.set_autocast_cache_enabled(True)
+        torch._dynamo.reset()
+    return seen, images, torch.stack(losses)
+
+
+def test_replayable_warms_up_records_once_and_replays_each_steps_inputs(monkeypatch, capsys):
+    seen, images, losses = replay_on_stand_ins(monkeypatch, steps=7)
+    out = capsys.readouterr().out
+    # The recording did not recompile the network: autocast's cache is off from the first warm-up
+    # step (turned off only to record, the compiled network's guard on it failed while recording).
+    assert "recording of the step as a CUDA graph" in out and "could not record" not in out, out
+    assert [phase for phase, _ in seen] == ["eager"] * 3 + ["recording"] + ["replay"] * 4
+    # (the stand-in ran the step while recording, as no real recording does: that call is extra)
+    for step, (_, seen_images) in zip([0, 1, 2, 3, 4, 5, 6], seen[:3] + seen[4:]):
+        assert torch.equal(seen_images, images[step])  # each replay trained on that step's digits
+    assert torch.isfinite(losses).all() and len(set(losses.flatten().tolist())) > 20
+
+
+def test_a_failed_recording_is_one_line_and_training_goes_on_eagerly(monkeypatch, capsys):
+    seen, images, losses = replay_on_stand_ins(monkeypatch, steps=5, fail_recording=True)
+    out = capsys.readouterr().out
+    assert out.count("could not record the training step as a CUDA graph (RuntimeError") == 1
+    assert [phase for phase, _ in seen] == ["eager"] * 5
+    assert all(torch.equal(s, x) for (_, s), x in zip(seen, images)) and torch.isfinite(losses).all()
