@@ -94,7 +94,8 @@ def ddpm_parts(m, config, device):
     lr, decay = torch.tensor(config.lr, device=device), torch.tensor(0.0, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **m.adam_options(device))
     train_fn = m.make_model_fn(net, device, config.amp, config.compile)
-    train_step = m.replayable(m.make_train_step(train_fn, net, ema, opt, sched, config), device, config.compile)
+    record = device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
+    train_step = m.replayable(m.make_train_step(train_fn, net, ema, opt, sched, config), device, record)
     sample_steps = config.sample_steps or min(50, config.timesteps)
 
     def step(images, labels, i):
@@ -273,7 +274,7 @@ def main(argv=None):
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
     result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
               "channels_last": args.channels_last, "force_layout": args.force_layout, "device": name, "torch": torch.__version__,
-              "compile": config.compile, "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
+              "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,
               "peak_flops": peak_flops, "mfu": mfu, "samplers": {}}

@@ -70,7 +70,9 @@ def make_parser():
     g.add_argument("--minutes", type=positive_float, default=None, help="stop after this much training time, summed over --resume")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network and, on CUDA, replay the training step as a CUDA graph (default: CUDA only)")
+                   help="torch.compile the training network (default: CUDA only)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="record the training step as a CUDA graph and replay it (default: on CUDA, one process)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
@@ -529,6 +531,9 @@ def make_train_step(model_fn, net, ema, opt, sched, args):
 
 def train(args):
     rank, world, device = init_distributed(setup(args))  # (0, 1, device) unless started by torchrun
+    args.cuda_graph = device.type == "cuda" and world == 1 if args.cuda_graph is None else args.cuda_graph
+    if args.cuda_graph and (device.type != "cuda" or world > 1):
+        fail("--cuda-graph records the step on one CUDA device" + (", not under torchrun" if world > 1 else ""))
     ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + RUN_KEYS)
     check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
     torch.manual_seed(args.seed)
@@ -549,7 +554,7 @@ def train(args):
     if world > 1:
         seed_rank(args.seed, rank, step)
     train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)
-    train_step = replayable(make_train_step(train_fn, net, ema, opt, sched, args), device, args.compile and world == 1)
+    train_step = replayable(make_train_step(train_fn, net, ema, opt, sched, args), device, args.cuda_graph)
     ema_fn = make_model_fn(ema, device, args.amp)  # the samplers: eager (the checkpoint stores the plain modules)
     log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device, world))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -753,11 +758,11 @@ def adam_options(device):
 
 
 def replayable(train_step, device, enabled, warmup=3):
-    """train_step, on CUDA (if enabled) recorded as a CUDA graph after `warmup` eager steps and
-    replayed from then on (PyTorch's CUDA semantics notes, "whole-network capture"). The warm-up
-    steps are real training steps, on a side stream as the recording must be; they create what a
-    recording cannot (optimizer state, cuDNN plans, compiled kernels). A failed recording says so
-    in one line and the step runs eagerly. Elsewhere: train_step itself."""
+    """train_step, on CUDA (if enabled: --cuda-graph) recorded as a CUDA graph after `warmup`
+    eager steps and replayed from then on (PyTorch's CUDA semantics notes, "whole-network
+    capture"). The warm-up steps are real training steps, on a side stream as the recording must
+    be; they create what a recording cannot (optimizer state, cuDNN plans, compiled kernels). A
+    failed recording says so in one line and the step runs eagerly. Elsewhere: train_step itself."""
     if not enabled or device.type != "cuda":
         return train_step
     torch.backends.cudnn.benchmark = True  # eager: 51.3 -> 47.2 ms a step on the H200 (issue 21)
@@ -983,7 +988,7 @@ def run_description(args, net, n_train, steps_per_epoch, total_steps, device, wo
             + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
             + f" | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
             + f" | device {device.type}" + (f" x {world} processes ({args.batch_size // world} images each)" if world > 1 else "")
-            + f", compile={args.compile}, amp={args.amp}"
+            + f", compile={args.compile}, amp={args.amp}, cuda_graph={args.cuda_graph}"
             + (f" | at the end: {args.score_samples} samples scored ({sampler_cost(args)})" if args.score_samples else ""))
 
 

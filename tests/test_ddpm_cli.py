@@ -162,6 +162,7 @@ def test_compile_and_bf16_path_on_cpu(capsys, fake_mnist, tmp_path, monkeypatch)
     (["--sampler", "ddpm", "--eta", "1"], "--sampler ddim"),
     (["--sampler", "ddim", "--sample-steps", "50"], "more than --timesteps"),
     (["--batch-size", "1000"], "larger than the training set"),
+    (["--cuda-graph"], "--cuda-graph records the step on one CUDA device"),  # the tests run on the CPU
 ])
 def test_bad_arguments(capsys, fake_mnist, tmp_path, args, needle):
     assert_one_line_error(ddpm_main(capsys, fake_mnist, tmp_path / "run", *args), needle)
@@ -204,7 +205,7 @@ def test_bad_checkpoints_never_overwrite(capsys, fake_mnist, tmp_path):
 def test_help_documents_every_flag(capsys, tmp_path):
     proc = ddpm_main(capsys, tmp_path, tmp_path / "run", "--help")
     assert proc.returncode == 0
-    for flag in ("--data-dir", "--out-dir", "--epochs", "--max-steps", "--minutes", "--device", "--compile", "--amp",
+    for flag in ("--data-dir", "--out-dir", "--epochs", "--max-steps", "--minutes", "--device", "--compile", "--cuda-graph", "--amp",
                  "--sample-every", "--resume", "--arch", "--schedule", "--timesteps", "--pred", "--ema-decay",
                  "--sampler", "--sample-steps", "--eta", "--eval-images"):
         assert flag in proc.stdout, flag
