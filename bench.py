@@ -57,6 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--force-layout", action="store_true",
                    help="inductor's layout optimisation (NHWC inside the compiled graph) forced on: its own "
                         "heuristic turns it off for this U-Net")
+    g.add_argument("--compile-samplers", action="store_true",
+                   help="ddpm: torch.compile the EMA network that samples (ddpm.py samples eagerly)")
     g.add_argument("--sync-debug", action="store_true",
                    help="CUDA: warn (with a stack) at every host-device sync inside the timed steps")
     p.prog = "bench.py"
@@ -90,7 +92,7 @@ def ddpm_parts(m, config, device):
     net = m.build_model(vars(config)).to(device)
     ema = m.build_model(vars(config)).to(device).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
-    ema_fn = m.make_model_fn(ema, device, config.amp)
+    ema_fn = m.make_model_fn(ema, device, config.amp, getattr(config, "compile_samplers", False))  # ddpm.py: eager
     lr, decay = torch.tensor(config.lr, device=device), torch.tensor(0.0, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **m.adam_options(device))
     train_fn = m.make_model_fn(net, device, config.amp, config.compile)
@@ -255,6 +257,7 @@ def main(argv=None):
     sample_n = args.sample_n or (10_000 if cuda else 100)
     ancestral = cuda if args.ancestral is None else args.ancestral
     with compile_mode(args.compile_mode):  # the model functions are wrapped (compiled lazily) here
+        config.compile_samplers = args.compile_samplers
         parts = PARTS[args.script](m, config, device)
     if args.channels_last:
         parts["net"].to(memory_format=torch.channels_last)
@@ -273,7 +276,8 @@ def main(argv=None):
     peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
     result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
-              "channels_last": args.channels_last, "force_layout": args.force_layout, "device": name, "torch": torch.__version__,
+              "channels_last": args.channels_last, "force_layout": args.force_layout,
+              "compile_samplers": args.compile_samplers, "device": name, "torch": torch.__version__,
               "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,

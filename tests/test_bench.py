@@ -105,6 +105,9 @@ def test_speed_experiment_flags(monkeypatch, capsys):
     patched = torch.compile
     result = bench.main([*FAST, *TINY_DDPM, "--compile", "--compile-mode", "reduce-overhead", "--channels-last"])
     assert modes and set(modes) == {"reduce-overhead"}
+    assert len(modes) == 1  # the training network only: the samplers run eagerly, as in ddpm.py
+    modes.clear()
+    assert bench.main([*FAST, *TINY_DDPM, "--compile-samplers"])["compile_samplers"] and len(modes) == 1
     assert torch.compile is patched and patched is not original
     assert result["compile_mode"] == "reduce-overhead" and result["channels_last"]
     with pytest.raises(SystemExit):
