@@ -118,27 +118,44 @@ def test_the_step_never_reads_a_number_back_to_the_host():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu(capsys):
+    """The same 10 steps eagerly and recorded: a recording draws its random numbers from the same
+    generator at the same offsets as the eager step, so both runs see the same timesteps, labels
+    dropped and noise, and train the same function. (Compared through the trained functions, as
+    above, with room for the GPU's non-deterministic sums and TF32.)"""
     device = torch.device("cuda")
-    results = []
-    for record in (False, True):
-        net_a, ema_a, _, _, _, images, labels = setup_pair(steps=10, batch=16)
-        net, ema = net_a.to(device), ema_a.to(device)
-        sched = ddpm.make_schedule("cosine", 20, device)
-        lr, decay = torch.tensor(CONFIG["lr"], device=device), torch.tensor(0.0, device=device)
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **ddpm.adam_options(device))
-        step_fn = ddpm.make_train_step(ddpm.make_model_fn(net, device, False), net, ema, opt, sched,
-                                       argparse.Namespace(**CONFIG))
-        step_fn = ddpm.replayable(step_fn, device, enabled=record)
-        torch.cuda.manual_seed(0)
-        for step in range(10):
-            lr.fill_(lr_at(step))
-            decay.fill_(ddpm.ema_decay(step, CONFIG["ema_decay"]))
-            step_fn(images[step].to(device), labels[step].to(device), decay)
-        results.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    runs = []
+    try:
+        for record in (False, True):
+            torch.backends.cudnn.benchmark = True  # as replayable() sets it: the same algorithms in both runs
+            net_a, ema_a, _, _, _, images, labels = setup_pair(steps=10, batch=16)
+            net, ema = net_a.to(device), ema_a.to(device)
+            sched = ddpm.make_schedule("cosine", 20, device)
+            lr, decay = torch.tensor(CONFIG["lr"], device=device), torch.tensor(0.0, device=device)
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **ddpm.adam_options(device))
+            step_fn = ddpm.make_train_step(ddpm.make_model_fn(net, device, False), net, ema, opt, sched,
+                                           argparse.Namespace(**CONFIG))
+            step_fn = ddpm.replayable(step_fn, device, enabled=record)
+            torch.cuda.manual_seed(0)
+            timesteps = []
+            for step in range(10):
+                lr.fill_(lr_at(step))
+                decay.fill_(ddpm.ema_decay(step, CONFIG["ema_decay"]))
+                timesteps.append(step_fn(images[step].to(device), labels[step].to(device), decay)[1].clone())
+            runs.append((net, ema, torch.stack(timesteps)))
+    finally:
+        torch.set_autocast_cache_enabled(True)
+        torch.backends.cudnn.benchmark = False
     out = capsys.readouterr().out
     assert "recording of the step as a CUDA graph" in out and "could not record" not in out, out
-    assert torch.isfinite(results[1]).all()
-    assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-5), (results[0] - results[1]).abs().max()
+    (net_e, ema_e, t_e), (net_r, ema_r, t_r) = runs
+    assert torch.equal(t_e, t_r), "the recorded steps drew other timesteps than the eager ones (RNG offsets)"
+    x, t = torch.randn(8, 1, 28, 28, device=device), torch.randint(0, 20, (8,), device=device)
+    y = torch.arange(8, device=device)
+    with torch.no_grad():
+        for a, b in ((net_e, net_r), (ema_e, ema_r)):
+            out_a, out_b = a(x, t, y), b(x, t, y)
+            assert torch.isfinite(out_b).all()
+            assert torch.allclose(out_a, out_b, rtol=1e-2, atol=1e-3), (out_a - out_b).abs().max()
 
 
 class TinyNet(torch.nn.Module):
