@@ -53,8 +53,9 @@ def make_parser():
     p.add_argument("--out", default=None, help="grid PNG (default: samples.png beside the checkpoint)")
     p.add_argument("--save-array", default=None, metavar="PATH.npz", help="also save all samples as an .npz")
     p.add_argument("--batch-size", type=ddpm.positive_int, default=1000, help="samples drawn at once")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network (default: on for CUDA only)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the network (off: on an H200 a cold compile took 35 s, DDIM-50 of 10,000 "
+                        "samples eagerly 4.3 s; issue 21)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the network (default: on for CUDA only)")
     g = p.add_argument_group("conditional checkpoints (ddpm.py and vae.py --class-cond)")
