@@ -84,7 +84,7 @@ def script_config(script, rest):
 # losses (one whole optimizer step, as the script's train() takes it), samplers {name: draw(n)},
 # flops() (or None: counted here on loss_of(model_fn, images, labels)).
 
-def ddpm_parts(m, config, device):
+def ddpm_parts(m, config, device, compile_samplers=False):
     """ddpm.py's own training step, make_train_step, recorded as a CUDA graph by its replayable()
     exactly as train() runs it (no second copy of the step)."""
     torch.manual_seed(config.seed)
@@ -92,12 +92,12 @@ def ddpm_parts(m, config, device):
     net = m.build_model(vars(config)).to(device)
     ema = m.build_model(vars(config)).to(device).requires_grad_(False).eval()
     ema.load_state_dict(net.state_dict())
-    ema_fn = m.make_model_fn(ema, device, config.amp, getattr(config, "compile_samplers", False))  # ddpm.py: eager
+    ema_fn = m.make_model_fn(ema, device, config.amp, compile_samplers)  # ddpm.py samples eagerly
     lr, decay = torch.tensor(config.lr, device=device), torch.tensor(0.0, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **m.adam_options(device))
     train_fn = m.make_model_fn(net, device, config.amp, config.compile)
-    record = device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
-    train_step = m.replayable(m.make_train_step(train_fn, net, ema, opt, sched, config), device, record)
+    config.cuda_graph = m.cuda_graph_on(config.cuda_graph, device)
+    train_step = m.replayable(m.make_train_step(train_fn, net, ema, opt, sched, config), device, config.cuda_graph)
     sample_steps = config.sample_steps or min(50, config.timesteps)
 
     def step(images, labels, i):
@@ -249,6 +249,8 @@ def main(argv=None):
     for flag, asked in (("--compile-mode", args.compile_mode), ("--force-layout", args.force_layout)):
         if asked and not config.compile:
             fail(f"{flag} needs torch.compile: pass --compile (on by default on CUDA only; here {device.type})")
+    if args.compile_samplers and args.script != "ddpm":
+        fail("--compile-samplers applies to --script ddpm")
     if args.force_layout:
         import torch._inductor.config as inductor_config
         inductor_config.force_layout_optimization = True
@@ -257,8 +259,7 @@ def main(argv=None):
     sample_n = args.sample_n or (10_000 if cuda else 100)
     ancestral = cuda if args.ancestral is None else args.ancestral
     with compile_mode(args.compile_mode):  # the model functions are wrapped (compiled lazily) here
-        config.compile_samplers = args.compile_samplers
-        parts = PARTS[args.script](m, config, device)
+        parts = PARTS[args.script](m, config, device, **({"compile_samplers": True} if args.compile_samplers else {}))
     if args.channels_last:
         parts["net"].to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in parts["net"].parameters())
@@ -278,7 +279,8 @@ def main(argv=None):
     result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
               "channels_last": args.channels_last, "force_layout": args.force_layout,
               "compile_samplers": args.compile_samplers, "device": name, "torch": torch.__version__,
-              "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp, "batch_size": config.batch_size, "parameters": n_params,
+              "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp,
+              "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,
               "peak_flops": peak_flops, "mfu": mfu, "samplers": {}}

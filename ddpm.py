@@ -531,9 +531,7 @@ def make_train_step(model_fn, net, ema, opt, sched, args):
 
 def train(args):
     rank, world, device = init_distributed(setup(args))  # (0, 1, device) unless started by torchrun
-    args.cuda_graph = device.type == "cuda" and world == 1 if args.cuda_graph is None else args.cuda_graph
-    if args.cuda_graph and (device.type != "cuda" or world > 1):
-        fail("--cuda-graph records the step on one CUDA device" + (", not under torchrun" if world > 1 else ""))
+    args.cuda_graph = cuda_graph_on(args.cuda_graph, device, world)
     ckpt = start_or_resume(args, "ddpm", MODEL_KEYS + RUN_KEYS)
     check_guidance(args)  # --resume: the checkpoint's conditioning is known only now
     torch.manual_seed(args.seed)
@@ -757,6 +755,14 @@ def adam_options(device):
     return {"fused": device.type in ("cuda", "cpu"), "capturable": device.type == "cuda"}  # fused on CPU: torch >= 2.4
 
 
+def cuda_graph_on(asked, device, world=1):
+    """--cuda-graph (asked: True, False or None for the default) settled: on by default on CUDA
+    with one process; asked for elsewhere, one clear line."""
+    if asked and (device.type != "cuda" or world > 1):
+        fail("--cuda-graph records the step on one CUDA device" + (", not under torchrun" if world > 1 else ""))
+    return device.type == "cuda" and world == 1 if asked is None else asked
+
+
 def replayable(train_step, device, enabled, warmup=3):
     """train_step, on CUDA (if enabled: --cuda-graph) recorded as a CUDA graph after `warmup`
     eager steps and replayed from then on (PyTorch's CUDA semantics notes, "whole-network
@@ -963,7 +969,8 @@ def report(args, device, ema_fn, sched, test, name, **metrics):
     metrics.update(evaluate(ema_fn, sched, *test, args, device), device=describe(device))
     if args.score_samples:
         metrics["score"] = score_run(ema_fn, sched, args, device, metrics["sample_images_per_sec"])
-    write_json({**metrics, "peak_memory_mb": peak_memory_mb(device)}, os.path.join(args.out_dir, name))
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    write_json(metrics, os.path.join(args.out_dir, name))
     return metrics
 
 
@@ -978,7 +985,7 @@ def finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, wall
         + (f" | test bound {m['test_bpd']:.3f} bits/dim" if "test_bpd" in m else "")
         + (f" (label dropped: {m['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in m else "")
         + (f" | FD {m['score']['fd']:.2f} (N={args.score_samples})" if "fd" in m.get("score", {}) else "")
-        + f" | {images_per_sec:,.0f} train img/s | peak memory {peak_memory_mb(device):.0f} MB")
+        + f" | {images_per_sec:,.0f} train img/s | peak memory {m['peak_memory_mb']:.0f} MB")
 
 
 def run_description(args, net, n_train, steps_per_epoch, total_steps, device, world):

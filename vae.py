@@ -593,7 +593,8 @@ def finish(args, device, net, test_x, test_y, meter, first_step, step, steps_per
     images_per_sec = meter.images_per_sec((step - first_step) * args.batch_size, wall)
     train_loss = meter.last.get("loss", float("nan"))
     m = {"config": vars(args), "step": step, "epochs_done": step / steps_per_epoch, "train_loss": train_loss,
-         "train_images_per_sec": images_per_sec, "sample_images_per_sec": sample_speed, "wall_time_s": wall, "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
+         "train_images_per_sec": images_per_sec, "sample_images_per_sec": sample_speed, "wall_time_s": wall,
+         "device": describe(device), "parameters": sum(p.numel() for p in net.parameters())}
     held, summary = held_out(net.eval(), test_x, test_y, args, device)
     m.update({**held, "peak_memory_mb": peak_memory_mb(device)})
     write_json(m, os.path.join(args.out_dir, "metrics.json"))

@@ -108,6 +108,9 @@ def test_speed_experiment_flags(monkeypatch, capsys):
     assert len(modes) == 1  # the training network only: the samplers run eagerly, as in ddpm.py
     modes.clear()
     assert bench.main([*FAST, *TINY_DDPM, "--compile-samplers"])["compile_samplers"] and len(modes) == 1
+    with pytest.raises(SystemExit):
+        bench.main([*FAST, "--script", "vae", "--compile-samplers"])
+    assert "--compile-samplers applies to --script ddpm" in capsys.readouterr().err
     assert torch.compile is patched and patched is not original
     assert result["compile_mode"] == "reduce-overhead" and result["channels_last"]
     with pytest.raises(SystemExit):
