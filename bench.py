@@ -17,6 +17,8 @@ then times --steps steps with the device synchronised, and prints
                                bf16 with --amp, else TF32), or a note that the device is not in the table
     samples/s                  ddpm: DDIM-50 (the default sampler) and ancestral (all T steps);
                                the VAEs: one decoder pass
+    where the time goes        with --profile N: N more steps under torch.profiler, the kernels'
+                               device time per step by kind (elsewhere: torch ops' CPU time)
 
 The digits are random bytes on the device: speed does not depend on what the pixels show, so
 no MNIST is needed. The README's performance table quotes this script's output.
@@ -28,6 +30,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -59,15 +62,21 @@ def parse_args(argv=None):
                         "heuristic turns it off for this U-Net")
     g.add_argument("--compile-samplers", action="store_true",
                    help="ddpm: torch.compile the EMA network that samples (ddpm.py samples eagerly)")
+    g.add_argument("--bf16-weights", action="store_true",
+                   help="ddpm, --amp: bf16 copies of the convolution and linear weights made in one multi-tensor "
+                        "cast per step, in place of autocast's cast per layer (and the same for their gradients)")
     g.add_argument("--sync-debug", action="store_true",
                    help="CUDA: warn (with a stack) at every host-device sync inside the timed steps")
+    g.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the timing, profile this many more steps: device time per step by kind of kernel "
+                        "(CUDA; elsewhere the CPU time of torch's ops) and the top kernels")
     p.prog = "bench.py"
     p.error = fail
     args, rest = p.parse_known_args(argv)
-    for name in ("steps", "warmup", "sample_n"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
+    for name in ("steps", "warmup", "sample_n", "profile"):
+        value, least = getattr(args, name), 0 if name in ("warmup", "profile") else 1
+        if value is not None and value < least:
+            fail(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     return args, rest
 
 
@@ -84,9 +93,10 @@ def script_config(script, rest):
 # losses (one whole optimizer step, as the script's train() takes it), samplers {name: draw(n)},
 # flops() (or None: counted here on loss_of(model_fn, images, labels)).
 
-def ddpm_parts(m, config, device, compile_samplers=False):
+def ddpm_parts(m, config, device, compile_samplers=False, bf16_weights=False):
     """ddpm.py's own training step, make_train_step, recorded as a CUDA graph by its replayable()
-    exactly as train() runs it (no second copy of the step)."""
+    exactly as train() runs it (no second copy of the step). bf16_weights: the training network
+    runs as BF16Weights(net), an experiment."""
     torch.manual_seed(config.seed)
     sched = m.make_schedule(config.schedule, config.timesteps, device)
     net = m.build_model(vars(config)).to(device)
@@ -95,7 +105,7 @@ def ddpm_parts(m, config, device, compile_samplers=False):
     ema_fn = m.make_model_fn(ema, device, config.amp, compile_samplers)  # ddpm.py samples eagerly
     lr, decay = torch.tensor(config.lr, device=device), torch.tensor(0.0, device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **m.adam_options(device))
-    train_fn = m.make_model_fn(net, device, config.amp, config.compile)
+    train_fn = m.make_model_fn(BF16Weights(net) if bf16_weights else net, device, config.amp, config.compile)
     config.cuda_graph = m.cuda_graph_on(config.cuda_graph, device)
     train_step = m.replayable(m.make_train_step(train_fn, net, ema, opt, sched, config), device, config.cuda_graph)
     sample_steps = config.sample_steps or min(50, config.timesteps)
@@ -114,6 +124,41 @@ def ddpm_parts(m, config, device, compile_samplers=False):
     samplers[f"ancestral ({config.timesteps} steps)"] = lambda n, steps=None: draw(n, "ddpm")
     return {"net": net, "step": step, "samplers": samplers,
             "flops": lambda: m.training_flops_per_image(net, sched, config, device)}
+
+
+class CastOnce(torch.autograd.Function):
+    """Tensors -> bf16 copies, in one multi-tensor copy; their gradients back to fp32 the same way."""
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(cast_all(tensors, torch.bfloat16))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(cast_all(grads, torch.float32))
+
+
+def cast_all(tensors, dtype):
+    copies = [torch.empty_like(t, dtype=dtype) for t in tensors]
+    torch._foreach_copy_(copies, list(tensors))  # a few kernels for all of them, not one per tensor
+    return copies
+
+
+class BF16Weights(torch.nn.Module):
+    """net, run on bf16 copies of its convolution and linear parameters cast once per call, so
+    that autocast finds them in bf16 and casts none (it casts each weight at each use, and each
+    gradient back: ~270 small kernels per step of ddpm.py's default U-Net, issue 21). The same
+    numbers: autocast rounds the same fp32 weights to bf16. Norms and embeddings stay fp32
+    (autocast runs GroupNorm in fp32)."""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.names = [f"{name}.{p}" for name, mod in net.named_modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))
+                      for p, _ in mod.named_parameters(recurse=False)]
+
+    def forward(self, *inputs):
+        params = dict(self.net.named_parameters())
+        copies = CastOnce.apply(*[params[name] for name in self.names])
+        return torch.func.functional_call(self.net, dict(zip(self.names, copies)), inputs)
 
 
 def plain_step(net, loss_of, optimizer, config, device, m):
@@ -203,11 +248,16 @@ def count_flops_per_image(net, loss_of, device, batch=2):
     return counter.get_total_flops() / batch
 
 
+def random_batches(n, batch_size, device):
+    """n batches of random digits (uint8) and labels: the speed does not depend on the pixels."""
+    return (torch.randint(0, 256, (n, batch_size, 28, 28), dtype=torch.uint8, device=device),
+            torch.randint(0, 10, (n, batch_size), device=device))
+
+
 def time_training(config, parts, device, warmup, steps, sync_debug=False):
     """(warm-up seconds, timed seconds) of the script's optimizer step on random digits."""
-    b, step = config.batch_size, parts["step"]
-    data = torch.randint(0, 256, (warmup + steps, b, 28, 28), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (warmup + steps, b), device=device)
+    step = parts["step"]
+    data, labels = random_batches(warmup + steps, config.batch_size, device)
     parts["net"].train()
 
     def run(first, last):
@@ -227,6 +277,59 @@ def time_training(config, parts, device, warmup, steps, sync_debug=False):
         return warm, run(warmup, warmup + steps)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# The profile sorts each kernel (on CUDA) or torch op (elsewhere) by its name's first match here.
+KERNEL_KINDS = (
+    ("torch.compile's fused kernels", r"^triton_"),
+    ("attention", r"softmax|flash|fmha|attention|sdpa"),
+    ("cuDNN's NCHW<->NHWC transposes", r"nchwtonhwc|nhwctonchw"),
+    ("convolutions", r"conv|xmma_fprop|dgrad|wgrad|implicit_gemm|cudnn"),
+    ("matrix products", r"gemm|nvjet|cutlass|matmul|linear|aten::(add)?b?mm$"),
+    ("GroupNorm", r"group_?norm|rowwisemoments|fusedparams|gammabeta|internalgradients"),
+    ("optimizer, EMA and clipping", r"foreach|multi_tensor|adam|lpnorm"),
+    ("casts and copies", r"copy|memcpy|cast|convert"),
+    ("random numbers", r"rand|normal|uniform|philox|distribution"),
+)
+
+
+def kernel_kind(name):
+    """The kind of a kernel or op, for the profile: KERNEL_KINDS's first match, else 'elementwise and other'."""
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)),
+                "elementwise and other")
+
+
+def profile_training(config, parts, device, steps, ms_per_step, top=12):
+    """Where a step's time goes: torch.profiler over `steps` more steps (replays, if recorded).
+    On CUDA, the kernels' device time (their sum against the timed step shows how far the step
+    is from its kernels' floor); elsewhere, the self CPU time of torch's ops."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    data, labels = random_batches(steps, config.batch_size, device)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(steps):
+            parts["step"](data[i], labels[i], i)
+        synchronize(device)
+    where = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    rows = [(e.key, e.count / steps, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps)
+            for e in prof.key_averages() if e.device_type == where]  # (name, calls per step, ms per step)
+    total = sum(ms for _, _, ms in rows)
+    kinds = {}
+    for name, _, ms in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    what = "kernels' device time" if cuda else "torch ops' CPU time"
+    result = {"what": what, "steps": steps, "ms_per_step": total, "calls_per_step": sum(c for _, c, _ in rows),
+              "by_kind_ms_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+              "top": [{"name": name, "calls_per_step": calls, "ms_per_step": ms}
+                      for name, calls, ms in sorted(rows, key=lambda r: -r[2])[:top]]}
+    log(f"profile of {steps} steps: {total:.2f} ms of {what} per step"
+        + (f" ({100 * total / ms_per_step:.0f}% of the timed {ms_per_step:.2f} ms)" if cuda else "")
+        + f", {result['calls_per_step']:,.0f} {'kernels' if cuda else 'ops'} per step; by kind: "
+        + ", ".join(f"{kind} {ms:.2f} ms" for kind, ms in result["by_kind_ms_per_step"].items()))
+    for row in result["top"]:
+        log(f"  {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.1f}x  {row['name'][:100]}")
+    return result
 
 
 def time_sampler(draw, n, device, warm_steps=2):
@@ -249,8 +352,11 @@ def main(argv=None):
     for flag, asked in (("--compile-mode", args.compile_mode), ("--force-layout", args.force_layout)):
         if asked and not config.compile:
             fail(f"{flag} needs torch.compile: pass --compile (on by default on CUDA only; here {device.type})")
-    if args.compile_samplers and args.script != "ddpm":
-        fail("--compile-samplers applies to --script ddpm")
+    for flag, asked in (("--compile-samplers", args.compile_samplers), ("--bf16-weights", args.bf16_weights)):
+        if asked and args.script != "ddpm":
+            fail(f"{flag} applies to --script ddpm")
+    if args.bf16_weights and not config.amp:
+        fail(f"--bf16-weights replaces autocast's casts: pass --amp (on by default on CUDA only; here {device.type})")
     if args.force_layout:
         import torch._inductor.config as inductor_config
         inductor_config.force_layout_optimization = True
@@ -259,7 +365,8 @@ def main(argv=None):
     sample_n = args.sample_n or (10_000 if cuda else 100)
     ancestral = cuda if args.ancestral is None else args.ancestral
     with compile_mode(args.compile_mode):  # the model functions are wrapped (compiled lazily) here
-        parts = PARTS[args.script](m, config, device, **({"compile_samplers": True} if args.compile_samplers else {}))
+        experiments = {"compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights}
+        parts = PARTS[args.script](m, config, device, **{k: True for k, on in experiments.items() if on})
     if args.channels_last:
         parts["net"].to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in parts["net"].parameters())
@@ -267,18 +374,18 @@ def main(argv=None):
     log(f"bench: {args.script}.py {' '.join(rest) or '(defaults)'} | {n_params / 1e6:.2f}M parameters, batch "
         f"{config.batch_size} | {name}, compile={config.compile}" + (f" ({args.compile_mode})" if args.compile_mode else "")
         + f", amp={config.amp}" + (", channels_last" if args.channels_last else "")
-        + (", inductor layout forced" if args.force_layout else "") + f" | torch {torch.__version__}")
+        + (", inductor layout forced" if args.force_layout else "") + (", bf16 weights" if args.bf16_weights else "") + f" | torch {torch.__version__}")
 
     flops = parts["flops"]() if "flops" in parts else count_flops_per_image(parts["net"], parts["loss_of"], device)
     with compile_mode(args.compile_mode):
         warm, timed = time_training(config, parts, device, warmup, steps, args.sync_debug)
     images_per_sec = steps * config.batch_size / timed
-    peak = m.peak_memory_mb(device)
+    peak = m.peak_memory_mb(device)  # of the timed steps, before anything else runs
     peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
     result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
               "channels_last": args.channels_last, "force_layout": args.force_layout,
-              "compile_samplers": args.compile_samplers, "device": name, "torch": torch.__version__,
+              "compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights, "device": name, "torch": torch.__version__,
               "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp,
               "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
@@ -290,6 +397,9 @@ def main(argv=None):
         f"peak memory {peak:,.0f} MB | {flops / 1e9:.3f} GFLOP per image (forward + backward) | "
         + (f"MFU {100 * mfu:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s ({'bf16' if config.amp else 'TF32'})" if mfu
            else f"MFU: no peak FLOP/s known for {name} (ddpm.PEAK_TFLOPS)"))
+    if args.profile:
+        with compile_mode(args.compile_mode):
+            result["profile"] = profile_training(config, parts, device, args.profile, 1000 * timed / steps)
 
     for label, draw in parts["samplers"].items():
         if label.startswith("ancestral") and not ancestral:

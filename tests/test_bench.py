@@ -86,6 +86,9 @@ def test_the_vaes(script, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [(["--steps", "0"], "--steps must be >= 1"),
+                                          (["--profile", "-1"], "--profile must be >= 0"),
+                                          (["--bf16-weights", "--device", "cpu"], "--bf16-weights replaces autocast's casts: pass --amp"),
+                                          (["--script", "vae", "--bf16-weights"], "--bf16-weights applies to --script ddpm"),
                                           (["--script", "gan"], "invalid choice"),
                                           (["--channels", "zero"], "--channels")])
 def test_bad_input_is_one_line(argv, needle, capsys):
@@ -123,3 +126,75 @@ def test_speed_experiment_flags(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main([*FAST, *TINY_DDPM, "--force-layout"])
     assert "--force-layout needs torch.compile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, kind", [
+    # names of the forms that cuDNN, cuBLAS, ATen and inductor give their CUDA kernels, and CPU ops
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x64x64", "convolutions"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", "convolutions"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false>",
+     "cuDNN's NCHW<->NHWC transposes"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>", "GroupNorm"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(...)>", "casts and copies"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer, EMA and clipping"),
+    ("nvjet_tst_128x64_64x8_1x1_v_bz_TNN", "matrix products"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("triton_poi_fused__to_copy_convolution_0", "torch.compile's fused kernels"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(...)>", "elementwise and other"),
+    ("aten::mkldnn_convolution", "convolutions"), ("aten::bmm", "matrix products"), ("aten::addmm", "matrix products"),
+    ("aten::native_group_norm_backward", "GroupNorm"), ("aten::_foreach_mul_", "optimizer, EMA and clipping"),
+    ("aten::copy_", "casts and copies"), ("aten::randn", "random numbers"), ("aten::silu", "elementwise and other"),
+])
+def test_kernel_kinds(name, kind):
+    assert bench.kernel_kind(name) == kind
+
+
+def test_the_profile_of_the_step(capsys):
+    """On a CPU the profile counts torch's ops: one convolution backward per Conv2d of the network
+    per step, and its kinds add up to its total."""
+    result = bench.main([*FAST, *TINY_DDPM, "--profile", "2"])
+    profile = result["profile"]
+    assert profile["steps"] == 2 and profile["what"] == "torch ops' CPU time"
+    assert sum(profile["by_kind_ms_per_step"].values()) == pytest.approx(profile["ms_per_step"])
+    assert profile["by_kind_ms_per_step"]["convolutions"] > 0
+    rows = {row["name"]: row for row in profile["top"]}
+    net = ddpm.build_model(vars(ddpm.parse_args(["--data-dir", "x", *TINY_DDPM])))
+    assert rows["aten::convolution_backward"]["calls_per_step"] == sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    ms = [row["ms_per_step"] for row in profile["top"]]
+    assert ms == sorted(ms, reverse=True) and len(ms) == 12
+    assert "profile of 2 steps" in capsys.readouterr().out
+
+
+def test_bf16_weights_compute_what_autocast_computes():
+    """bench.BF16Weights casts the convolution and linear parameters itself, once per call:
+    the same output and the same fp32 gradients as bf16 autocast casting each layer's weights,
+    with two casts (_to_copy) per such parameter fewer: one forward, one for its gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    config = ddpm.parse_args(["--data-dir", "x", *TINY_DDPM, "--attention"])
+    torch.manual_seed(0)
+    net = ddpm.build_model(vars(config))
+    for p in net.parameters():  # the zero-initialised output layers would hide the weights' role
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    results = []
+    for model in (net, bench.BF16Weights(net)):
+        net.zero_grad(set_to_none=True)
+        with Casts() as casts, torch.autocast("cpu", torch.bfloat16):
+            out = model(x, t)
+            out.float().square().sum().backward()
+        results.append((out, [p.grad.clone() for p in net.parameters()], casts.n))
+    (out_a, grads_a, casts_a), (out_b, grads_b, casts_b) = results
+    assert out_a.dtype == out_b.dtype == torch.bfloat16 and torch.equal(out_a, out_b)
+    assert all(g.dtype == torch.float32 for g in grads_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert casts_a - casts_b == 2 * len(bench.BF16Weights(net).names), (casts_a, casts_b)  # forward and backward
