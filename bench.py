@@ -383,7 +383,8 @@ def main(argv=None):
     peak = m.peak_memory_mb(device)  # of the timed steps, before anything else runs
     peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
-    result = {"script": args.script, "flags": rest, "compile_mode": args.compile_mode,
+    flags = list(sys.argv[1:] if argv is None else argv)  # bench.py's and the script's, as given
+    result = {"script": args.script, "flags": flags, "compile_mode": args.compile_mode,
               "channels_last": args.channels_last, "force_layout": args.force_layout,
               "compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights, "device": name, "torch": torch.__version__,
               "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp,

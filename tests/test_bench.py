@@ -15,8 +15,10 @@ FAST = ["--steps", "2", "--warmup", "1", "--sample-n", "3"]
 
 
 def test_ddpm_figures_and_json(tmp_path, capsys):
-    result = bench.main([*FAST, *TINY_DDPM, "--ancestral", "--json", str(tmp_path / "b.json")])
+    argv = [*FAST, *TINY_DDPM, "--ancestral", "--json", str(tmp_path / "b.json")]
+    result = bench.main(argv)
     out = capsys.readouterr().out
+    assert result["flags"] == argv  # all of them: check.sh's summary tells the runs apart by these
     assert json.load(open(tmp_path / "b.json")) == json.loads(json.dumps(result))
     assert result["batch_size"] == 4 and result["steps"] == 2 and result["warmup_steps"] == 1
     assert result["train_images_per_sec"] == pytest.approx(4 * 2 / (result["ms_per_step"] * 2 / 1000))
