@@ -72,7 +72,7 @@ def make_parser():
                    help="stop after this much training time (grids and evaluation not counted), summed over --resume")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network (default: on for CUDA only)")
+                   help="torch.compile the training network (default: on for CUDA only)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the network (default: on for CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
@@ -475,7 +475,8 @@ def train(args):
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
     step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    train_fn, ema_fn = (make_model_fn(m, device, args.amp, args.compile) for m in (net, ema))
+    train_fn = make_model_fn(net, device, args.amp, args.compile)
+    ema_fn = make_model_fn(ema, device, args.amp)  # samplers eager, as in ddpm.py
     log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device))
     meter = Meter(step, total_steps, steps_per_epoch, args.batch_size, args.log_every, device)
     seconds_before, sample_speed, t_start = ckpt.get("train_seconds", 0.0) if ckpt else 0.0, None, time.perf_counter()
@@ -570,7 +571,7 @@ def eval_only(args):
     sched = make_schedule(args.transition, args.levels, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
-    ema_fn = make_model_fn(ema, device, args.amp, args.compile)
+    ema_fn = make_model_fn(ema, device, args.amp)
     test_x, _ = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}

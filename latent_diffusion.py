@@ -82,7 +82,7 @@ def make_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the training network (default: CUDA only)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=20, help="epochs between sample grids")
@@ -316,7 +316,7 @@ def train(args):
     step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
     params, ema_params = list(net.parameters()), list(ema.parameters())
     train_fn = make_model_fn(net, device, args.amp, args.compile)
-    ema_fn = make_model_fn(ema, device, args.amp, args.compile)
+    ema_fn = make_model_fn(ema, device, args.amp)  # samplers eager, as in ddpm.py
     log(run_description(args, net, vae_config, scale, len(train_x), steps_per_epoch, total_steps, device))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -460,7 +460,7 @@ def eval_only(args):
     test_x, _ = load_mnist(args.data_dir, train=False, device=device)
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
     metrics = {"checkpoint": ckpt_path, "step": ckpt["step"], "device": describe(device)}
-    metrics.update(evaluate(make_model_fn(ema, device, args.amp, args.compile), sched, vae_net, vae_config,
+    metrics.update(evaluate(make_model_fn(ema, device, args.amp), sched, vae_net, vae_config,
                             ckpt["latent_scale"], test_x, args, device))
     log(summary(metrics))
     write_json(metrics, os.path.join(args.out_dir, "eval.json"))

@@ -276,10 +276,15 @@ def test_cli_trains_writes_and_reports(run_script, fake_mnist, tmp_path):
     assert math.isclose(m["test_bpd"], m["test_bpd_prior"] + m["test_bpd_kl"] + m["test_bpd_decoder"], rel_tol=1e-5)
 
 
-def test_resume_is_exact_and_eval_only(capsys, fake_mnist, tmp_path):
+def test_resume_is_exact_and_eval_only(capsys, fake_mnist, tmp_path, monkeypatch):
+    """Also: --compile compiles the training network only; the samplers run eagerly, as in ddpm.py
+    (torch.compile is recorded here, not run)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("--eval-images", "0", "--transition", "uniform")
-    assert run_main(capsys, fake_mnist, straight, "--max-steps", "4", *common)[0] == 0
+    assert run_main(capsys, fake_mnist, straight, "--max-steps", "4", "--compile", *common)[0] == 0
+    assert len(compiled) == 1 and all(p.requires_grad for p in compiled[0].parameters())  # not the EMA copy
     assert run_main(capsys, fake_mnist, split, "--max-steps", "2", *common)[0] == 0  # stops mid-epoch
     code, out, err = run_main(capsys, fake_mnist, split, "--max-steps", "4", "--resume", *common)
     assert code == 0 and "resumed at step 2" in out, err
@@ -288,8 +293,9 @@ def test_resume_is_exact_and_eval_only(capsys, fake_mnist, tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
         assert torch.equal(a["ema"][key], b["ema"][key]), key
-    code, out, err = run_main(capsys, fake_mnist, split, "--eval-only", "--eval-images", "2", "--sample-steps", "3")
-    assert code == 0, err
+    code, out, err = run_main(capsys, fake_mnist, split, "--eval-only", "--eval-images", "2", "--sample-steps", "3",
+                              "--compile")
+    assert code == 0 and len(compiled) == 1, err
     assert "nats per digit" in out and json.load(open(split / "eval.json"))["test_bpd_images"] == 2
     assert {"eval_samples.png", "eval_corruption.png"} <= set(os.listdir(split))
     # sample.py draws from the checkpoint: a grid, the array, a trajectory strip

@@ -135,13 +135,18 @@ def ld_main(capsys, data, out, *args):
     return InProcess(code, captured.out, captured.err)
 
 
-def test_trains_resumes_exactly_and_evaluates(capsys, fake_mnist, checkpoints, tmp_path):
+def test_trains_resumes_exactly_and_evaluates(capsys, fake_mnist, checkpoints, tmp_path, monkeypatch):
+    """Also: --compile compiles the training network only; the samplers run eagerly, as in ddpm.py
+    (torch.compile is recorded here, not run)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
     vae_ckpt = tmp_path / "vae.pt"
     shutil.copy(checkpoints["vae"], vae_ckpt)
     common = ("--vae-ckpt", vae_ckpt, "--eval-images", "4", "--sample-every", "1")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    proc = ld_main(capsys, fake_mnist, straight, "--max-steps", "10", *common)
+    proc = ld_main(capsys, fake_mnist, straight, "--max-steps", "10", "--compile", *common)
     assert proc.returncode == 0, proc.stderr
+    assert len(compiled) == 1 and all(p.requires_grad for p in compiled[0].parameters())  # not the EMA copy
     assert "3-d latents" in proc.stdout and "with the diffusion prior" in proc.stdout
     assert ld_main(capsys, fake_mnist, split, "--max-steps", "5", *common).returncode == 0
     proc = ld_main(capsys, fake_mnist, split, "--max-steps", "10", "--resume", "--eval-images", "4",
@@ -158,8 +163,8 @@ def test_trains_resumes_exactly_and_evaluates(capsys, fake_mnist, checkpoints, t
         assert math.isfinite(metrics[key]), key
     assert metrics["test_images"] == 4 and not any(k.startswith("test_bpd") for k in metrics)  # Bernoulli: nats only
     assert {"compare.png", "samples_epoch_001.png", "samples_step_000010.png"} <= set(os.listdir(straight))
-    proc = ld_main(capsys, fake_mnist, straight, "--eval-only", "--eval-images", "2", "--iw-samples", "3")
-    assert proc.returncode == 0, proc.stderr
+    proc = ld_main(capsys, fake_mnist, straight, "--eval-only", "--eval-images", "2", "--iw-samples", "3", "--compile")
+    assert proc.returncode == 0 and len(compiled) == 1, proc.stderr
     result = json.load(open(straight / "eval.json"))
     assert result["test_images"] == result["test_iwae_images"] == 2 and math.isfinite(result["test_iwae_nll"])
 
