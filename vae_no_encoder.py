@@ -55,7 +55,7 @@ def make_parser():
     g.add_argument("--seed", type=int, default=0, help="weights, data order, noise, pictures")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network (unset: CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network for training (unset: CUDA only)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast for the network (unset: CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
@@ -335,7 +335,8 @@ def train(args):
     model.prior_mean.copy_(prior_mean), model.prior_std.copy_(prior_std)
     opt = torch.optim.AdamW(model.net.parameters(), lr=args.lr, weight_decay=0.0, fused=fused_adam_ok(device))
     step = restore(ckpt, device, model=model, optimizer=opt) if ckpt else 0
-    model_fn = make_model_fn(model.net, device, args.amp, args.compile)
+    train_fn = make_model_fn(model.net, device, args.amp, args.compile)
+    model_fn = make_model_fn(model.net, device, args.amp)  # grids, evaluation, samples: eager, as in ddpm.py
     log(run_description(args, model, len(train_x), steps_per_epoch, total_steps, device))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
@@ -349,7 +350,7 @@ def train(args):
     try:
         while step < total_steps:
             for (images,) in epoch_batches((train_x,), step, steps_per_epoch, args.batch_size, args.seed):
-                loss = noise_prediction_loss(model_fn, to_model_range(images), args.alpha_bar, args.pred)  # (B,)
+                loss = noise_prediction_loss(train_fn, to_model_range(images), args.alpha_bar, args.pred)  # (B,)
                 opt.zero_grad(set_to_none=True)
                 loss.mean().backward()
                 opt.step()
@@ -505,7 +506,7 @@ def load_run(folder, device, args):
     ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"), "vae_no_encoder")
     model = build_model(ckpt["config"]).to(device).eval()
     model.load_state_dict(ckpt["model"])
-    return ckpt, model, make_model_fn(model.net, device, args.amp, args.compile), folder
+    return ckpt, model, make_model_fn(model.net, device, args.amp), folder
 
 
 def eval_only(args):

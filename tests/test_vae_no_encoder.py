@@ -250,10 +250,18 @@ def test_cli_smoke_and_sweep(run_script, capsys, fake_mnist, tmp_path):
     assert_one_line_error(vne_main(capsys, fake_mnist, blocker / "sweep", "--sweep", out), "--out-dir")
 
 
-def test_resume_continues_exactly(capsys, fake_mnist, tmp_path):
+def test_resume_continues_exactly(capsys, fake_mnist, tmp_path, monkeypatch):
+    """Also: --compile compiles the network for the training loss only; grids, evaluation and
+    samples run it eagerly, as in ddpm.py (torch.compile is recorded here, not run)."""
+    grad_enabled = []  # at each call of the "compiled" network
+
+    def compile(net, **kw):
+        return lambda *inputs: grad_enabled.append(torch.is_grad_enabled()) or net(*inputs)
+    monkeypatch.setattr(torch, "compile", compile)
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("--sample-every", "5", "--arch", "cnn")
-    assert vne_main(capsys, fake_mnist, straight, "--max-steps", "11", *common).returncode == 0
+    assert vne_main(capsys, fake_mnist, straight, "--max-steps", "11", "--compile", *common).returncode == 0
+    assert len(grad_enabled) == 11 and all(grad_enabled)  # the 11 training steps, nothing else
     assert vne_main(capsys, fake_mnist, split, "--max-steps", "5", *common).returncode == 0  # stops mid-epoch
     assert load(split / "ckpt.pt")["step"] == 5
     proc = vne_main(capsys, fake_mnist, split, "--max-steps", "11", "--resume", *common)
