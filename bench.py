@@ -56,7 +56,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("speed experiments (what wins goes into the script's appendix, with its measurement)")
     g.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="torch.compile mode for the script's --compile (reduce-overhead: CUDA graphs)")
-    g.add_argument("--channels-last", action="store_true", help="the network's weights and activations in NHWC")
+    g.add_argument("--channels-last", action="store_true", help="the networks' weights and activations in NHWC (training's and sampling's)")
     g.add_argument("--force-layout", action="store_true",
                    help="inductor's layout optimisation (NHWC inside the compiled graph) forced on: its own "
                         "heuristic turns it off for this U-Net")
@@ -91,7 +91,8 @@ def script_config(script, rest):
 # ---------------------------------------------------------------------------------------
 # Each builder returns a dict: net (the trained module), step(images, labels, i) -> per-image
 # losses (one whole optimizer step, as the script's train() takes it), samplers {name: draw(n)},
-# flops() (or None: counted here on loss_of(model_fn, images, labels)).
+# flops() (or None: counted here on loss_of(model_fn, images, labels)), and sampling_net where
+# the samplers run another module than net (ddpm: the EMA copy).
 
 def ddpm_parts(m, config, device, compile_samplers=False, bf16_weights=False):
     """ddpm.py's own training step, make_train_step, recorded as a CUDA graph by its replayable()
@@ -122,7 +123,7 @@ def ddpm_parts(m, config, device, compile_samplers=False, bf16_weights=False):
 
     samplers = {f"DDIM-{sample_steps}, eta {config.eta:g}": lambda n, steps=sample_steps: draw(n, "ddim", steps)}
     samplers[f"ancestral ({config.timesteps} steps)"] = lambda n, steps=None: draw(n, "ddpm")
-    return {"net": net, "step": step, "samplers": samplers,
+    return {"net": net, "sampling_net": ema, "step": step, "samplers": samplers,
             "flops": lambda: m.training_flops_per_image(net, sched, config, device)}
 
 
@@ -368,7 +369,9 @@ def main(argv=None):
         experiments = {"compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights}
         parts = PARTS[args.script](m, config, device, **{k: True for k, on in experiments.items() if on})
     if args.channels_last:
-        parts["net"].to(memory_format=torch.channels_last)
+        for key in ("net", "sampling_net"):
+            if key in parts:
+                parts[key].to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in parts["net"].parameters())
     name = m.describe(device)
     log(f"bench: {args.script}.py {' '.join(rest) or '(defaults)'} | {n_params / 1e6:.2f}M parameters, batch "

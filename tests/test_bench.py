@@ -103,7 +103,7 @@ def test_bad_input_is_one_line(argv, needle, capsys):
 
 def test_speed_experiment_flags(monkeypatch, capsys):
     """--compile-mode reaches torch.compile (recorded here, not run: compiling takes a minute on a
-    CPU) and is undone afterwards; --channels-last runs."""
+    CPU) and is undone afterwards; --channels-last runs, and puts the sampling network in NHWC too."""
     modes = []
     original = torch.compile
     monkeypatch.setattr(torch, "compile", lambda net, **kw: modes.append(kw.get("mode")) or net)
@@ -118,6 +118,13 @@ def test_speed_experiment_flags(monkeypatch, capsys):
     assert "--compile-samplers applies to --script ddpm" in capsys.readouterr().err
     assert torch.compile is patched and patched is not original
     assert result["compile_mode"] == "reduce-overhead" and result["channels_last"]
+    built = []
+    monkeypatch.setitem(bench.PARTS, "ddpm", lambda *a, **kw: built.append(bench.ddpm_parts(*a, **kw)) or built[-1])
+    bench.main([*FAST, *TINY_DDPM, "--channels-last"])
+    for net in (built[0]["net"], built[0]["sampling_net"]):  # the trained network and its EMA copy
+        kernels = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+        assert not all(p.is_contiguous() for p in kernels)
     with pytest.raises(SystemExit):
         bench.main([*FAST, *TINY_DDPM, "--compile-mode", "max-autotune"])  # a CPU: no compile by default
     assert "--compile-mode needs torch.compile" in capsys.readouterr().err
