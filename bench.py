@@ -48,8 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--script", choices=SCRIPTS, default="ddpm", help="whose configuration and functions")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default: 50 on CUDA, 10 elsewhere)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, 2 elsewhere)")
-    p.add_argument("--sample-n", type=int, default=None,
-                   help="samples drawn in one batch for the sampler timings (default: 10000 on CUDA, 100 elsewhere)")
+    p.add_argument("--sample-n", type=sample_sizes, default=None, metavar="N[,N...]",
+                   help="samples drawn in one batch for the sampler timings (default: 10000 on CUDA, 100 elsewhere); "
+                        "several: each batch size in turn (ancestral: the first)")
     p.add_argument("--ancestral", action=argparse.BooleanOptionalAction, default=None,
                    help="ddpm: also time ancestral sampling, all T steps (default: on CUDA only; slow elsewhere)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the figures here")
@@ -73,11 +74,22 @@ def parse_args(argv=None):
     p.prog = "bench.py"
     p.error = fail
     args, rest = p.parse_known_args(argv)
-    for name in ("steps", "warmup", "sample_n", "profile"):
+    for name in ("steps", "warmup", "profile"):
         value, least = getattr(args, name), 0 if name in ("warmup", "profile") else 1
         if value is not None and value < least:
             fail(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     return args, rest
+
+
+def sample_sizes(text):
+    """--sample-n: one or more positive batch sizes, comma-separated."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}")
+    return sizes
 
 
 def script_config(script, rest):
@@ -334,16 +346,17 @@ def profile_training(config, parts, device, steps, ms_per_step, top=12):
 
 
 def time_sampler(draw, n, device, warm_steps=2):
-    """Samples/s of one batch of n. A short run first (warm_steps sampler steps) compiles the
-    network for the batch's shapes; 0 skips it (the shapes are known already)."""
+    """(samples/s, warm-up seconds) of one batch of n. A short run first (warm_steps sampler
+    steps) compiles the network for the batch's shapes; 0 skips it (the shapes are known)."""
     with torch.no_grad():
+        t0 = time.perf_counter()
         if warm_steps:
             draw(n, warm_steps)
         synchronize(device)
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         draw(n)
         synchronize(device)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t1), t1 - t0
 
 
 def main(argv=None):
@@ -363,7 +376,7 @@ def main(argv=None):
         inductor_config.force_layout_optimization = True
     cuda = device.type == "cuda"
     steps, warmup = args.steps or (50 if cuda else 10), args.warmup if args.warmup is not None else (10 if cuda else 2)
-    sample_n = args.sample_n or (10_000 if cuda else 100)
+    sample_ns = args.sample_n or [10_000 if cuda else 100]
     ancestral = cuda if args.ancestral is None else args.ancestral
     with compile_mode(args.compile_mode):  # the model functions are wrapped (compiled lazily) here
         experiments = {"compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights}
@@ -409,10 +422,15 @@ def main(argv=None):
         if label.startswith("ancestral") and not ancestral:
             log(f"sample: {label} skipped (pass --ancestral: {config.timesteps} network calls per batch)")
             continue
-        speed = time_sampler(draw, sample_n, device, warm_steps=0 if label.startswith("ancestral") else 2)
-        result["samplers"][label] = {"n": sample_n, "sample_images_per_sec": speed, "seconds": sample_n / speed}
-        log(f"sample: {label}: {f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} samples/s "
-            f"({sample_n:,} in {sample_n / speed:.2f}s, one batch)")
+        for n in sample_ns[:1] if label.startswith("ancestral") else sample_ns:
+            warm_steps = 0 if label.startswith("ancestral") else 2  # ancestral: DDIM warmed its shapes up
+            speed, warm = time_sampler(draw, n, device, warm_steps)
+            name = label if n == sample_ns[0] else f"{label}, n={n}"
+            result["samplers"][name] = {"n": n, "sample_images_per_sec": speed, "seconds": n / speed,
+                                        "warmup_seconds": warm}
+            log(f"sample: {label}: {f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} samples/s "
+                f"({n:,} in {n / speed:.2f}s, one batch" + (f"; {warm_steps} warm-up steps first: {warm:.1f}s, any compile included)" if warm_steps
+                                                          else ")"))
     result["peak_memory_mb_with_sampling"] = m.peak_memory_mb(device)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -29,6 +29,15 @@ def test_ddpm_figures_and_json(tmp_path, capsys):
     assert result["parameters"] == sum(p.numel() for p in net.parameters())
 
 
+def test_several_sample_sizes():
+    """--sample-n 3,5: DDIM at each batch size, with its warm-up time; ancestral at the first only."""
+    result = bench.main([*FAST[:-1], "5,3", *TINY_DDPM, "--ancestral"])
+    samplers = result["samplers"]
+    assert list(samplers) == ["DDIM-10, eta 1", "DDIM-10, eta 1, n=3", "ancestral (10 steps)"]
+    assert [s["n"] for s in samplers.values()] == [5, 3, 5]
+    assert samplers["DDIM-10, eta 1, n=3"]["warmup_seconds"] > 0
+
+
 def test_ancestral_is_skipped_off_a_gpu_unless_asked(capsys):
     result = bench.main([*FAST, *TINY_DDPM])
     assert list(result["samplers"]) == ["DDIM-10, eta 1"]
@@ -89,6 +98,7 @@ def test_the_vaes(script, capsys):
 
 @pytest.mark.parametrize("argv, needle", [(["--steps", "0"], "--steps must be >= 1"),
                                           (["--profile", "-1"], "--profile must be >= 0"),
+                                          (["--sample-n", "100,0"], "--sample-n: must be positive integers"),
                                           (["--bf16-weights", "--device", "cpu"], "--bf16-weights replaces autocast's casts: pass --amp"),
                                           (["--script", "vae", "--bf16-weights"], "--bf16-weights applies to --script ddpm"),
                                           (["--script", "gan"], "invalid choice"),
