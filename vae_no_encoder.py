@@ -55,7 +55,8 @@ def make_parser():
     g.add_argument("--seed", type=int, default=0, help="weights, data order, noise, pictures")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the network for training (unset: CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network for training (unset: CUDA only)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast for the network (unset: CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
