@@ -25,6 +25,7 @@ no MNIST is needed. The README's performance table quotes this script's output.
 """
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib
@@ -328,9 +329,9 @@ def profile_training(config, parts, device, steps, ms_per_step, top=12):
     rows = [(e.key, e.count / steps, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps)
             for e in prof.key_averages() if e.device_type == where]  # (name, calls per step, ms per step)
     total = sum(ms for _, _, ms in rows)
-    kinds = {}
+    kinds = collections.defaultdict(float)
     for name, _, ms in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kinds[kernel_kind(name)] += ms
     what = "kernels' device time" if cuda else "torch ops' CPU time"
     result = {"what": what, "steps": steps, "ms_per_step": total, "calls_per_step": sum(c for _, c, _ in rows),
               "by_kind_ms_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
@@ -379,8 +380,8 @@ def main(argv=None):
     sample_ns = args.sample_n or [10_000 if cuda else 100]
     ancestral = cuda if args.ancestral is None else args.ancestral
     with compile_mode(args.compile_mode):  # the model functions are wrapped (compiled lazily) here
-        experiments = {"compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights}
-        parts = PARTS[args.script](m, config, device, **{k: True for k, on in experiments.items() if on})
+        experiments = {"compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights}  # ddpm's
+        parts = PARTS[args.script](m, config, device, **(experiments if args.script == "ddpm" else {}))
     if args.channels_last:
         for key in ("net", "sampling_net"):
             if key in parts:
@@ -390,7 +391,8 @@ def main(argv=None):
     log(f"bench: {args.script}.py {' '.join(rest) or '(defaults)'} | {n_params / 1e6:.2f}M parameters, batch "
         f"{config.batch_size} | {name}, compile={config.compile}" + (f" ({args.compile_mode})" if args.compile_mode else "")
         + f", amp={config.amp}" + (", channels_last" if args.channels_last else "")
-        + (", inductor layout forced" if args.force_layout else "") + (", bf16 weights" if args.bf16_weights else "") + f" | torch {torch.__version__}")
+        + (", inductor layout forced" if args.force_layout else "") + (", bf16 weights" if args.bf16_weights else "")
+        + f" | torch {torch.__version__}")
 
     flops = parts["flops"]() if "flops" in parts else count_flops_per_image(parts["net"], parts["loss_of"], device)
     with compile_mode(args.compile_mode):
@@ -402,7 +404,8 @@ def main(argv=None):
     flags = list(sys.argv[1:] if argv is None else argv)  # bench.py's and the script's, as given
     result = {"script": args.script, "flags": flags, "compile_mode": args.compile_mode,
               "channels_last": args.channels_last, "force_layout": args.force_layout,
-              "compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights, "device": name, "torch": torch.__version__,
+              "compile_samplers": args.compile_samplers, "bf16_weights": args.bf16_weights, "device": name,
+              "torch": torch.__version__,
               "compile": config.compile, "cuda_graph": getattr(config, "cuda_graph", None), "amp": config.amp,
               "batch_size": config.batch_size, "parameters": n_params,
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
@@ -422,15 +425,14 @@ def main(argv=None):
         if label.startswith("ancestral") and not ancestral:
             log(f"sample: {label} skipped (pass --ancestral: {config.timesteps} network calls per batch)")
             continue
-        for n in sample_ns[:1] if label.startswith("ancestral") else sample_ns:
-            warm_steps = 0 if label.startswith("ancestral") else 2  # ancestral: DDIM warmed its shapes up
-            speed, warm = time_sampler(draw, n, device, warm_steps)
-            name = label if n == sample_ns[0] else f"{label}, n={n}"
-            result["samplers"][name] = {"n": n, "sample_images_per_sec": speed, "seconds": n / speed,
-                                        "warmup_seconds": warm}
+        ancestral_run = label.startswith("ancestral")  # one batch size; DDIM warmed its shapes up
+        for n in sample_ns[:1] if ancestral_run else sample_ns:
+            speed, warm_seconds = time_sampler(draw, n, device, warm_steps=0 if ancestral_run else 2)
+            result["samplers"][label if n == sample_ns[0] else f"{label}, n={n}"] = {
+                "n": n, "sample_images_per_sec": speed, "seconds": n / speed, "warmup_seconds": warm_seconds}
+            warm_note = "" if ancestral_run else f"; 2 warm-up steps first: {warm_seconds:.1f}s, any compile included"
             log(f"sample: {label}: {f'{speed:,.0f}' if speed >= 100 else f'{speed:.3g}'} samples/s "
-                f"({n:,} in {n / speed:.2f}s, one batch" + (f"; {warm_steps} warm-up steps first: {warm:.1f}s, any compile included)" if warm_steps
-                                                          else ")"))
+                f"({n:,} in {n / speed:.2f}s, one batch{warm_note})")
     result["peak_memory_mb_with_sampling"] = m.peak_memory_mb(device)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

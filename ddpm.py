@@ -752,7 +752,7 @@ def inpaint(model_fn, sched, x0, known, parameterization, resample=1, generator=
 
 def adam_options(device):
     """AdamW's fused kernel where it exists, capturable (state and learning rate on the device) on CUDA."""
-    return {"fused": device.type in ("cuda", "cpu"), "capturable": device.type == "cuda"}  # fused on CPU: torch >= 2.4
+    return {"fused": fused_adam_ok(device), "capturable": device.type == "cuda"}
 
 
 def cuda_graph_on(asked, device, world=1):
