@@ -37,14 +37,16 @@ import time
 
 import torch
 
+import ddpm
+
 SCRIPTS = ("ddpm", "vae", "vae_no_encoder")
 
 
-def parse_args(argv=None):
+def make_parser():
     """bench.py's own flags; every other flag goes to the benchmarked script's parser."""
     p = argparse.ArgumentParser(description="Time training steps and sampling of a script's configuration.",
                                 allow_abbrev=False,  # --channels is the script's, not short for --channels-last
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=ddpm.HelpFormatter,
                                 epilog="Any other flag is the benchmarked script's (e.g. --channels 16, --batch-size 64).")
     p.add_argument("--script", choices=SCRIPTS, default="ddpm", help="whose configuration and functions")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default: 50 on CUDA, 10 elsewhere)")
@@ -72,8 +74,13 @@ def parse_args(argv=None):
     g.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after the timing, profile this many more steps: device time per step by kind of kernel "
                         "(CUDA; elsewhere the CPU time of torch's ops) and the top kernels")
-    p.prog = "bench.py"
-    p.error = fail
+    return p
+
+
+def parse_args(argv=None):
+    """(bench.py's flags, the rest for the script); bad input is one line."""
+    p = make_parser()
+    p.prog, p.error = "bench.py", fail
     args, rest = p.parse_known_args(argv)
     for name in ("steps", "warmup", "profile"):
         value, least = getattr(args, name), 0 if name in ("warmup", "profile") else 1
@@ -399,7 +406,7 @@ def main(argv=None):
         warm, timed = time_training(config, parts, device, warmup, steps, args.sync_debug)
     images_per_sec = steps * config.batch_size / timed
     peak = m.peak_memory_mb(device)  # of the timed steps, before anything else runs
-    peak_flops = importlib.import_module("ddpm").peak_flops(device, config.amp)
+    peak_flops = ddpm.peak_flops(device, config.amp)
     mfu = flops * images_per_sec / peak_flops if peak_flops else None
     flags = list(sys.argv[1:] if argv is None else argv)  # bench.py's and the script's, as given
     result = {"script": args.script, "flags": flags, "compile_mode": args.compile_mode,

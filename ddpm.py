@@ -56,24 +56,24 @@ from unet import UNet
 def make_parser():
     """The knobs: every default of a run, on one screen. `python ddpm.py --help` lists them."""
     p = argparse.ArgumentParser(description="Train or evaluate a DDPM on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
     g.add_argument("--out-dir", default="out/ddpm", help="checkpoint, sample grids, metrics.json")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=256)
+    g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="images per optimizer step")
     g.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
     g.add_argument("--warmup-steps", type=positive_int, default=500, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--minutes", type=positive_float, default=None, help="stop after this much training time, summed over --resume")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training network (default: CUDA only)")
+                   help="torch.compile the training network (default: on CUDA only)")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="record the training step as a CUDA graph and replay it (default: on CUDA, one process)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
@@ -85,12 +85,13 @@ def make_parser():
     g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
     g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
     g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True, help="self-attention at 7x7")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
     g.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=False,
                    help="condition on the digit's label (classifier-free guidance)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="--class-cond: probability of dropping a training label")
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="cosine")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default="cosine",
+                   help="noise schedule: Ho et al.'s linear betas, or Nichol & Dhariwal's cosine alpha-bar")
     g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     g.add_argument("--pred", choices=["eps", "x0", "v"], default="v", help="what the network predicts")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
@@ -1069,6 +1070,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except None: the help of such a flag says what a run does
+    without it ("stop after this many steps", "default: on CUDA only")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number_at_least(convert, minimum, strict=False):

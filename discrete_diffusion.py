@@ -57,24 +57,24 @@ from unet import UNet
 def make_parser():
     """The knobs: every default of a run, on one screen. `python discrete_diffusion.py --help` lists them."""
     p = argparse.ArgumentParser(description="Train or evaluate a discrete diffusion model (D3PM) on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
     g.add_argument("--out-dir", default="out/discrete_diffusion", help="checkpoint, pictures, metrics.json")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
     g.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
     g.add_argument("--warmup-steps", type=positive_int, default=500, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--minutes", type=positive_float, default=None,
                    help="stop after this much training time (grids and evaluation not counted), summed over --resume")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training network (default: on for CUDA only)")
+                   help="torch.compile the training network (default: on CUDA only)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the network (default: on for CUDA only)")
+                   help="bf16 autocast for the network (default: on CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=10, help="epochs between sample grids")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
@@ -89,7 +89,7 @@ def make_parser():
     g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
     g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the lowest resolution")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
 
     g = p.add_argument_group("discrete diffusion")
     g.add_argument("--levels", type=number_at_least(int, 2), default=2,
@@ -774,6 +774,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except None: the help of such a flag says what a run does
+    without it ("stop after this many steps", "default: on CUDA only")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number_at_least(convert, minimum, strict=False):

@@ -68,23 +68,23 @@ from unet import timestep_embedding, zero_init
 def make_parser():
     """The knobs: every default of a run, on one screen. `python latent_diffusion.py --help` lists them."""
     p = argparse.ArgumentParser(description="Train or evaluate a diffusion prior in a trained VAE's latent space.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=ddpm.HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--vae-ckpt", default=None, help="the trained vae.py checkpoint whose latents to model "
                    "(a new run needs it; --resume and --eval-only read it from the checkpoint)")
     g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
     g.add_argument("--out-dir", default="out/latent_diffusion", help="checkpoint, sample grids, metrics.json")
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--batch-size", type=positive_int, default=256)
+    g.add_argument("--epochs", type=positive_int, default=100, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="images per optimizer step")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after warm-up")
     g.add_argument("--warmup-steps", type=positive_int, default=200, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training network (default: CUDA only)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)")
+                   help="torch.compile the training network (default: on CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=20, help="epochs between sample grids")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
@@ -96,7 +96,7 @@ def make_parser():
     g = p.add_argument_group("model: the denoiser")
     g.add_argument("--width", type=positive_int, default=256, help="hidden units of the residual MLP")
     g.add_argument("--depth", type=positive_int, default=4, help="residual blocks")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
     g = p.add_argument_group("diffusion (ddpm.py's math)")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule (linear here; ddpm.py's digits default to cosine)")

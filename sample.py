@@ -43,13 +43,13 @@ GRID_MAX = 1024  # a grid shows at most this many images (an .npz holds all of t
 def make_parser():
     """The knobs. `python sample.py --help` lists them with their defaults."""
     p = argparse.ArgumentParser(description="Draw samples from a ddpm, vae, vae_no_encoder or latent_diffusion checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=ddpm.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by ddpm.py, vae.py, vae_no_encoder.py or latent_diffusion.py")
     p.add_argument("--n", type=ddpm.positive_int, default=None,
                    help="number of samples (default 64); --inpaint: number of test digits (default 8)")
     p.add_argument("--nrow", type=ddpm.positive_int, default=None, help="images per grid row (default: a square)")
     p.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     p.add_argument("--out", default=None, help="grid PNG (default: samples.png beside the checkpoint)")
     p.add_argument("--save-array", default=None, metavar="PATH.npz", help="also save all samples as an .npz")
     p.add_argument("--batch-size", type=ddpm.positive_int, default=1000, help="samples drawn at once")
@@ -57,7 +57,7 @@ def make_parser():
                    help="torch.compile the network (off: on an H200 a cold compile took 35 s, DDIM-50 of 10,000 "
                         "samples eagerly 4.3 s; issue 21)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the network (default: on for CUDA only)")
+                   help="bf16 autocast for the network (default: on CUDA only)")
     g = p.add_argument_group("conditional checkpoints (ddpm.py and vae.py --class-cond)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="DIGITS",
                    help="the digits to draw, e.g. --class 3 --class 7 or --class 3,7 (default: 0..9 in turn)")

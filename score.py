@@ -54,7 +54,7 @@ def make_parser():
     """The knobs: every default on one screen. `python score.py --help` lists them."""
     p = argparse.ArgumentParser(description="Score generated MNIST digits (FD, IS, precision/recall, accuracy) "
                                 "on a small CNN classifier, or train that classifier.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("samples", nargs="?", default=None, metavar="SAMPLES.npz",
                    help='samples to score: an .npz with key "samples" (N x 1 x 28 x 28 in [0, 1]) and '
                    'optional "labels", or a PNG grid as save_image writes it (28 x 28 tiles, 2-pixel padding)')
@@ -73,18 +73,18 @@ def make_parser():
     g.add_argument("--score-batch-size", type=positive_int, default=500, help="images per classifier call")
 
     g = p.add_argument_group("classifier training")
-    g.add_argument("--epochs", type=positive_int, default=10)
-    g.add_argument("--batch-size", type=positive_int, default=128)
+    g.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
     g.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate, cosine-decayed to 0")
     g.add_argument("--max-shift", type=float, default=2.0, help="augmentation: random shift up to this many pixels")
     g.add_argument("--max-rotate", type=float, default=10.0, help="augmentation: random rotation up to this many degrees")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the classifier for training (default: on for CUDA only)")
+                   help="torch.compile the classifier for training (default: on CUDA only)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for training (default: on for CUDA only; scoring is always fp32)")
+                   help="bf16 autocast for training (default: on CUDA only; scoring is always fp32)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     return p
 
@@ -563,6 +563,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except None: the help of such a flag says what a run does
+    without it ("stop after this many steps", "default: on CUDA only")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number_at_least(convert, minimum, strict=False):

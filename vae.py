@@ -53,7 +53,7 @@ D = 28 * 28  # pixels per image: the "dim" of bits/dim
 
 def make_parser():
     p = argparse.ArgumentParser(description="Train or evaluate a VAE on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
     p.add_argument("--out-dir", default="out/vae", help="checkpoint, pictures, metrics.json")
     p.add_argument("--epochs", type=positive_int, default=50, help="passes over the training set")
@@ -63,8 +63,8 @@ def make_parser():
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     onoff = argparse.BooleanOptionalAction  # --x / --no-x; None: decided in check_args or setup
-    p.add_argument("--compile", action=onoff, help="torch.compile the training forward pass (default: CUDA only)")
-    p.add_argument("--amp", action=onoff, help="bf16 autocast for the networks (default: on for CUDA only)")
+    p.add_argument("--compile", action=onoff, help="torch.compile the training forward pass (default: on CUDA only)")
+    p.add_argument("--amp", action=onoff, help="bf16 autocast for the networks (default: on CUDA only)")
     p.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     p.add_argument("--sample-every", type=positive_int, default=5, help="epochs between prior-sample grids")
     p.add_argument("--num-samples", type=positive_int, default=64, help="images per sample grid")
@@ -683,6 +683,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except None: the help of such a flag says what a run does
+    without it ("stop after this many steps", "default: on CUDA only")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number_at_least(convert, minimum, strict=False):

@@ -45,19 +45,19 @@ D = 28 * 28  # pixels per image: the "dim" of bits/dim
 
 def make_parser():
     p = argparse.ArgumentParser(description="Train a VAE without encoder (a fixed one-step corruption) on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data-dir", default="./data", help="where MNIST is (or is downloaded to)")
     g.add_argument("--out-dir", default="out/vae_no_encoder", help="checkpoint, pictures, metrics.json (or sweep.*)")
     g.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set")
     g.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
     g.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate")
-    g.add_argument("--seed", type=int, default=0, help="weights, data order, noise, pictures")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the network for training (unset: CUDA only)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast for the network (unset: CUDA only)")
+                   help="torch.compile the network for training (default: on CUDA only)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast for the network (default: on CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
@@ -594,6 +594,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except None: the help of such a flag says what a run does
+    without it ("stop after this many steps", "default: on CUDA only")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number_at_least(convert, minimum, strict=False):

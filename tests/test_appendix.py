@@ -1,5 +1,6 @@
 """The shared appendix: one block of plumbing, byte-identical in every script that must run
 alone, and the few math helpers that two standalone chapters both need, identical too."""
+import argparse
 import importlib
 import inspect
 import os
@@ -60,3 +61,24 @@ def test_shared_math_is_one_text(function, modules):
     reference = texts[modules[0]]
     for m, text in texts.items():
         assert text == reference, f"{m}.{function} differs from {modules[0]}.{function}"
+
+
+@pytest.mark.parametrize("name", CARRIERS + ["latent_diffusion.py", "sample.py", "bench.py"])
+def test_help_explains_every_flag_and_shows_each_default_but_none(name, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no help text wrapped: one entry is one or two lines
+    parser = importlib.import_module(name[:-3]).make_parser()
+    entries = {}  # "  --flag ..." and the lines indented under it, as one line
+    for line in parser.format_help().splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            key = line.split()[0].rstrip(",")
+            entries[key] = line
+        elif line.startswith("   ") and entries:
+            entries[key] += " " + line.strip()
+    assert "default: None" not in parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.metavar
+        assert action.help, f"{name}: {flag} has no help text"
+        if action.default is not None:
+            assert entries[flag].endswith(f"(default: {action.default})"), f"{name}: {entries[flag]}"
