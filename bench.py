@@ -38,6 +38,7 @@ import time
 import torch
 
 import ddpm
+from ddpm import fail, log  # the shared plumbing's one error line and log
 
 SCRIPTS = ("ddpm", "vae", "vae_no_encoder")
 
@@ -79,8 +80,10 @@ def make_parser():
 
 def parse_args(argv=None):
     """(bench.py's flags, the rest for the script); bad input is one line."""
+    for script in SCRIPTS:  # "bench.py: error: ...", also for the script's own flags and checks
+        importlib.import_module(script).PROG = os.path.basename(__file__)
     p = make_parser()
-    p.prog, p.error = "bench.py", fail
+    p.prog, p.error = ddpm.PROG, fail
     args, rest = p.parse_known_args(argv)
     for name in ("steps", "warmup", "profile"):
         value, least = getattr(args, name), 0 if name in ("warmup", "profile") else 1
@@ -447,16 +450,6 @@ def main(argv=None):
             json.dump(result, f, indent=2)
         log(f"wrote {args.json}")
     return result
-
-
-def fail(message):
-    """Stop with one clear line on stderr: bad input is not a traceback."""
-    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ format than its script reads (one of an older version of this project) is refuse
 import argparse
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ import discrete_diffusion
 import latent_diffusion
 import vae
 import vae_no_encoder
+from ddpm import fail, log  # the shared plumbing's one error line and log
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # what --out may be: PIL picks the format by it
 GRID_MAX = 1024  # a grid shows at most this many images (an .npz holds all of them)
@@ -354,8 +354,10 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
+    for script in (ddpm, vae, vae_no_encoder, discrete_diffusion):  # latent_diffusion's plumbing is ddpm's
+        script.PROG = os.path.basename(__file__)  # "sample.py: error: ...", from the checkpoint's script's plumbing too
     parser = make_parser()
-    parser.prog, parser.error = os.path.basename(__file__), fail  # argparse's own errors as one line too
+    parser.prog, parser.error = ddpm.PROG, fail  # argparse's own errors as one line too
     return parser.parse_args(argv)
 
 
@@ -446,16 +448,6 @@ def check_outputs(args):
         if not os.access(folder, os.W_OK):
             fail(f"{flag} {path}: the folder {folder} is not writable")
     return out
-
-
-def fail(message):
-    """Stop with one clear line on stderr: bad input is not a traceback."""
-    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 if __name__ == "__main__":

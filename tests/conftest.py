@@ -67,6 +67,16 @@ def make_fake_mnist(root, n_train=256, n_test=64, seed=0):
     return root
 
 
+@pytest.fixture(autouse=True)
+def each_script_names_itself():
+    """sample.py, bench.py and latent_diffusion.py name themselves in the error lines of the
+    plumbing they borrow (its PROG); in this one process, every test starts from each script's
+    own name."""
+    for name in ("ddpm", "vae", "vae_no_encoder", "score", "discrete_diffusion"):
+        if name in sys.modules:
+            sys.modules[name].PROG = name + ".py"
+
+
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory):
     """Path to a data dir holding the fake MNIST (256 train, 64 test images)."""

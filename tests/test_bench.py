@@ -108,7 +108,7 @@ def test_bad_input_is_one_line(argv, needle, capsys):
         bench.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error" in err[0] and needle in err[0], err
+    assert len(err) == 1 and err[0].startswith("bench.py: error: ") and needle in err[0], err
 
 
 def test_speed_experiment_flags(monkeypatch, capsys):

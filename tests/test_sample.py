@@ -97,6 +97,15 @@ def test_bad_checkpoints(tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "vae", "vae_no_encoder", "latent_diffusion"])
+def test_errors_of_the_checkpoints_own_script_name_sample_py(kind, checkpoints, tmp_path, capsys):
+    """The device is checked by the checkpoint's script's plumbing (its setup): the line still names
+    the command the user ran."""
+    missing = "mps" if torch.cuda.is_available() else "cuda"  # (no machine has both)
+    code, _, err = run(capsys, "--ckpt", checkpoints[kind], "--device", missing, "--out", tmp_path / "g.png")
+    assert code == 2 and err.strip() == f"sample.py: error: --device {missing} asked, but it is not available", err
+
+
 def test_outputs_checked_before_sampling(checkpoints, tmp_path, capsys):
     missing = tmp_path / "no_such_folder"
     for argv, words in ((["--out", missing / "g.png"], "--out"),
