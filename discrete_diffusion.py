@@ -765,6 +765,7 @@ def score_run(model_fn, sched, args, device, sample_speed=None):
 PROG = os.path.basename(__file__)  # the name in error lines (a script that borrows this plumbing sets its own)
 CKPT_VERSION = 2  # 2: one name, class_cond, for conditioning in every script
 SEED_GRID, SEED_EVAL, SEED_SCORE = 1, 2, 3  # fixed generators seeded args.seed + these: grids, evaluation, scoring
+KERNEL_OPTIONS = ("foreach", "fused", "capturable")  # how an optimizer runs on its device, not what it computes
 
 
 def parse_args(argv=None):
@@ -911,9 +912,14 @@ def start_or_resume(args, kind, resumed_keys):
 
 
 def restore(ckpt, device, **objects):
-    """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step."""
+    """Load each object (model=, ema=, optimizer=) from its key and the RNG; return the step. An
+    optimizer keeps this run's kernel options: the checkpoint may come from another device."""
     for key, obj in objects.items():
-        obj.load_state_dict(ckpt[key])
+        state = ckpt[key]
+        if isinstance(obj, torch.optim.Optimizer):
+            state = {**state, "param_groups": [{**saved, **{k: v for k, v in mine.items() if k in KERNEL_OPTIONS}}
+                                               for saved, mine in zip(state["param_groups"], obj.param_groups)]}
+        obj.load_state_dict(state)
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if device.type in ("cuda", "mps") and device.type in ckpt["rng"]:
         getattr(torch, device.type).set_rng_state(ckpt["rng"][device.type])

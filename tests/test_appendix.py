@@ -1,11 +1,13 @@
 """The shared appendix: one block of plumbing, byte-identical in every script that must run
 alone, and the few math helpers that two standalone chapters both need, identical too."""
 import argparse
+import copy
 import importlib
 import inspect
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = "# ==================================== appendix: plumbing ===================================="
@@ -82,3 +84,31 @@ def test_help_explains_every_flag_and_shows_each_default_but_none(name, monkeypa
         assert action.help, f"{name}: {flag} has no help text"
         if action.default is not None:
             assert entries[flag].endswith(f"(default: {action.default})"), f"{name}: {entries[flag]}"
+
+
+def test_a_restored_optimizer_keeps_this_runs_kernel_options_and_the_checkpoints_state():
+    """A checkpoint of a CUDA run (fused, capturable AdamW) resumed on this CPU: the optimizer runs
+    this run's way (fused, not capturable) but with the checkpoint's moments, step count and
+    hyperparameters, i.e. it continues exactly as the saved optimizer would have."""
+    import ddpm
+    gen = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(5, generator=gen), [torch.randn(5, generator=gen) for _ in range(4)]
+    saved = torch.nn.Parameter(start.clone())
+    opt = torch.optim.AdamW([saved], lr=1e-2, weight_decay=0.1, foreach=False)
+    for g in grads[:2]:
+        saved.grad = g.clone()
+        opt.step()
+    ckpt = {"optimizer": copy.deepcopy(opt.state_dict()), "rng": {"cpu": torch.get_rng_state()}, "step": 2, "epoch": 0}
+    ckpt["optimizer"]["param_groups"][0].update(fused=True, capturable=True, foreach=None)  # as a CUDA run saves it
+
+    resumed = torch.nn.Parameter(saved.detach().clone())
+    opt_here = torch.optim.AdamW([resumed], lr=0.5, weight_decay=0.0, fused=True)  # this run's options
+    ddpm.restore(ckpt, torch.device("cpu"), optimizer=opt_here)
+    group = opt_here.param_groups[0]
+    assert (group["fused"], group["capturable"], group["foreach"]) == (True, False, None)
+    assert (group["lr"], group["weight_decay"]) == (1e-2, 0.1)  # the checkpoint's
+    for g in grads[2:]:  # the saved optimizer, continued, is the reference
+        saved.grad, resumed.grad = g.clone(), g.clone()
+        opt.step()
+        opt_here.step()
+    assert torch.allclose(resumed, saved, atol=1e-6, rtol=0)
