@@ -187,7 +187,7 @@ class BF16Weights(torch.nn.Module):
 
 def plain_step(net, loss_of, optimizer, config, device, m):
     """The zero_grad / backward / clip / optimizer step of the VAE scripts' train()."""
-    opt = optimizer(net.parameters(), lr=config.lr, fused=device.type != "mps")
+    opt = optimizer(net.parameters(), lr=config.lr, fused=m.fused_adam_ok(device))
     model_fn = m.make_model_fn(net, device, config.amp, config.compile)
     params, clip = list(net.parameters()), getattr(config, "grad_clip", None)
 
