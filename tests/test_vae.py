@@ -301,14 +301,14 @@ def test_bad_arguments_give_one_line(argv, words, capsys):
     assert words in one_error_line(capsys.readouterr().err)
 
 
-def test_foreign_checkpoint_is_refused_and_good_one_kept(fake_mnist, run_script, tmp_path, capsys):
-    # a ddpm checkpoint: a subprocess, for the real exit code and stderr
+def test_foreign_checkpoint_is_refused_and_good_one_kept(fake_mnist, tmp_path, capsys):
+    # a ddpm checkpoint (in this process: test_cli_train_resume_eval runs the command line itself)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     torch.save({"kind": "ddpm", "version": 1}, foreign / "ckpt.pt")
-    r = run_script("vae.py", "--data-dir", fake_mnist, "--out-dir", foreign, "--resume")
-    assert r.returncode == 2
-    assert "not a vae checkpoint" in one_error_line(r.stderr)
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--data-dir", fake_mnist, "--out-dir", str(foreign), "--resume"])
+    assert e.value.code == 2 and "not a vae checkpoint" in one_error_line(capsys.readouterr().err)
 
     # garbage bytes
     garbage = tmp_path / "garbage"
