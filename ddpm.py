@@ -553,7 +553,7 @@ def train(args):
     if world > 1:
         seed_rank(args.seed, rank, step)
     train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)
-    train_step = replayable(make_train_step(train_fn, net, ema, opt, sched, args), device, args.cuda_graph)
+    train_step = replayable(make_train_step(train_fn, net, ema, opt, sched, args), device, args.cuda_graph, args.compile)
     ema_fn = make_model_fn(ema, device, args.amp)  # samplers eager: a compile cost 35 s, DDIM-50 of 10^4 4.3 s (H200)
     log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device, world))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -764,14 +764,15 @@ def cuda_graph_on(asked, device, world=1):
     return device.type == "cuda" and world == 1 if asked is None else asked
 
 
-def replayable(train_step, device, enabled, warmup=3):
+def replayable(train_step, device, enabled, compiled=False, warmup=3):
     """train_step, on CUDA (if enabled: --cuda-graph) recorded as a CUDA graph after `warmup`
     eager steps and replayed from then on (PyTorch's CUDA semantics notes, "whole-network
     capture"). The warm-up steps are real training steps, on a side stream as the recording must
     be; they create what a recording cannot (optimizer state, cuDNN plans, compiled kernels). A
-    failed recording says so in one line and the step runs eagerly. Elsewhere: train_step itself."""
+    failed recording says so in one line and the step runs eagerly. Elsewhere (or not enabled):
+    train_step itself, with the time of its first call in the log if compiled."""
     if not enabled or device.type != "cuda":
-        return train_step
+        return first_call_logged(train_step) if compiled else train_step
     torch.backends.cudnn.benchmark = True  # eager: 51.3 -> 47.2 ms a step on the H200 (issue 21)
     torch._dynamo.config.suppress_errors = True  # a network that fails to compile runs eagerly
     # A recording cannot reuse bf16 copies of the weights that autocast cached outside it, so its
@@ -808,6 +809,22 @@ def replayable(train_step, device, enabled, warmup=3):
             static.copy_(x)
         state["graph"].replay()
         return state["outputs"]  # overwritten by the next replay: read (or queue a read) before it
+    return run
+
+
+def first_call_logged(train_step):
+    """train_step, whose first call, where torch.compile traces and generates the forward and
+    backward code, says in the log how long it took (up to its results on the host)."""
+    first = [True]
+
+    def run(*inputs):
+        if not first:
+            return train_step(*inputs)
+        t0, out = time.perf_counter(), train_step(*inputs)
+        out[0].sum().item()  # waits for the device
+        first.clear()
+        log(f"first training step (torch.compile included): {time.perf_counter() - t0:.1f}s")
+        return out
     return run
 
 

@@ -53,6 +53,7 @@ def test_train_writes_checkpoint_grids_metrics(run_script, fake_mnist, tmp_path)
     proc = ddpm(run_script, fake_mnist, out, "--epochs", "2", "--sample-every", "1", "--eval-images", "2")
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stdout and "by t quarter" in proc.stdout and "bits/dim" in proc.stdout
+    assert "first training step" not in proc.stdout  # nothing compiled (the CPU default)
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.json", "samples_epoch_001.png", "samples_epoch_002.png"]
     ckpt = load(os.path.join(out, "ckpt.pt"))  # plain data: loads with weights_only=True
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 16 and ckpt["epoch"] == 2  # 256 images / 32 = 8 steps/epoch
@@ -144,6 +145,7 @@ def test_compile_and_bf16_path_on_cpu(capsys, fake_mnist, tmp_path, monkeypatch)
         torch._dynamo.reset()  # in this process: the next tests start with no compiled code
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compile=True, amp=True" in proc.stdout
+    assert proc.stdout.count("first training step (torch.compile included): ") == 1  # the compile time, once
     metrics = json.load(open(out / "metrics.json"))
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])
 
