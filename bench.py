@@ -376,7 +376,7 @@ def main(argv=None):
     device = m.setup(config)
     for flag, asked in (("--compile-mode", args.compile_mode), ("--force-layout", args.force_layout)):
         if asked and not config.compile:
-            fail(f"{flag} needs torch.compile: pass --compile (on by default on CUDA only; here {device.type})")
+            fail(f"{flag} needs torch.compile: pass --compile")
     for flag, asked in (("--compile-samplers", args.compile_samplers), ("--bf16-weights", args.bf16_weights)):
         if asked and args.script != "ddpm":
             fail(f"{flag} applies to --script ddpm")

@@ -53,7 +53,7 @@ def test_train_writes_checkpoint_grids_metrics(run_script, fake_mnist, tmp_path)
     proc = ddpm(run_script, fake_mnist, out, "--epochs", "2", "--sample-every", "1", "--eval-images", "2")
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stdout and "by t quarter" in proc.stdout and "bits/dim" in proc.stdout
-    assert "first training step" not in proc.stdout  # nothing compiled (the CPU default)
+    assert "first training step" not in proc.stdout  # nothing compiled (the default)
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.json", "samples_epoch_001.png", "samples_epoch_002.png"]
     ckpt = load(os.path.join(out, "ckpt.pt"))  # plain data: loads with weights_only=True
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 16 and ckpt["epoch"] == 2  # 256 images / 32 = 8 steps/epoch
@@ -121,7 +121,7 @@ def test_eval_only(capsys, fake_mnist, tmp_path):
 
 
 def test_compile_and_bf16_path_on_cpu(capsys, fake_mnist, tmp_path, monkeypatch):
-    """What runs on a GPU by default (torch.compile + bf16 autocast), exercised on the CPU so
+    """What runs on a GPU with --compile (torch.compile + bf16 autocast), exercised on the CPU so
     that code that breaks compile or autocast fails here and not on a user's GPU. After two
     steps any recompilation is an error: the learning rate and the EMA decay change every step
     (warm-up) as device tensors, never as constants baked into the compiled code. The backend is
