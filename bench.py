@@ -421,8 +421,9 @@ def main(argv=None):
               "warmup_steps": warmup, "warmup_seconds": warm, "steps": steps, "ms_per_step": 1000 * timed / steps,
               "train_images_per_sec": images_per_sec, "peak_memory_mb": peak, "train_flops_per_image": flops,
               "peak_flops": peak_flops, "mfu": mfu, "samplers": {}}
-    log(f"warm-up: {warmup} steps in {warm:.1f}s" + (" (torch.compile and the CUDA graph recording included)"
-                                                      if config.compile else ""))
+    included = [name for name, on in (("torch.compile", config.compile),
+                                       ("the CUDA graph's recording", getattr(config, "cuda_graph", False))) if on]
+    log(f"warm-up: {warmup} steps in {warm:.1f}s" + (f" ({' and '.join(included)} included)" if included else ""))
     log(f"train: {images_per_sec:,.0f} images/s | {1000 * timed / steps:.2f} ms/step over {steps} steps | "
         f"peak memory {peak:,.0f} MB | {flops / 1e9:.3f} GFLOP per image (forward + backward) | "
         + (f"MFU {100 * mfu:.1f}% of {peak_flops / 1e12:.0f} TFLOP/s ({'bf16' if config.amp else 'TF32'})" if mfu
