@@ -820,14 +820,15 @@ def replayable(train_step, device, enabled, compiled=False, warmup=3):
 def first_call_logged(train_step):
     """train_step, whose first call, where torch.compile traces and generates the forward and
     backward code, says in the log how long it took (up to its results on the host)."""
-    first = [True]
+    done = False
 
     def run(*inputs):
-        if not first:
+        nonlocal done
+        if done:
             return train_step(*inputs)
         t0, out = time.perf_counter(), train_step(*inputs)
         out[0].sum().item()  # waits for the device
-        first.clear()
+        done = True
         log(f"first training step (torch.compile included): {time.perf_counter() - t0:.1f}s")
         return out
     return run
