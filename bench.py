@@ -382,9 +382,16 @@ def main(argv=None):
             fail(f"{flag} applies to --script ddpm")
     if args.bf16_weights and not config.amp:
         fail(f"--bf16-weights replaces autocast's casts: pass --amp (on by default on CUDA only; here {device.type})")
-    if args.force_layout:
+    layout = contextlib.nullcontext()
+    if args.force_layout:  # for this run only: torch's own patch() puts the flag back afterwards
         import torch._inductor.config as inductor_config
-        inductor_config.force_layout_optimization = True
+        layout = inductor_config.patch(force_layout_optimization=True)
+    with layout:
+        return measure(args, argv, rest, m, config, device)
+
+
+def measure(args, argv, rest, m, config, device):
+    """The timings of main(): training steps, the profile if asked, each sampler."""
     cuda = device.type == "cuda"
     steps, warmup = args.steps or (50 if cuda else 10), args.warmup if args.warmup is not None else (10 if cuda else 2)
     sample_ns = args.sample_n or [10_000 if cuda else 100]

@@ -1134,14 +1134,13 @@ def make_out_dir(path):
 
 
 def setup(args):
-    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: compile and bf16
-    default on for CUDA only, TF32 on."""
+    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: bf16 autocast by
+    default on CUDA only, TF32 on. (torch.compile is off unless asked for, on every device.)"""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(d for d, ok in available.items() if ok) if args.device == "auto" else args.device
     if not available[name]:
         fail(f"--device {name} asked, but it is not available")
     device = torch.device(name)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
     args.amp = (device.type == "cuda") if args.amp is None else args.amp
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device

@@ -82,8 +82,8 @@ def make_parser():
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training network (default: on CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training network: for long runs (a cold compile costs about a minute)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=20, help="epochs between sample grids")

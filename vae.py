@@ -63,7 +63,8 @@ def make_parser():
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     onoff = argparse.BooleanOptionalAction  # --x / --no-x; None: decided in check_args or setup
-    p.add_argument("--compile", action=onoff, help="torch.compile the training forward pass (default: on CUDA only)")
+    p.add_argument("--compile", action=onoff, default=False,
+                   help="torch.compile the training forward pass: for long runs (a cold compile costs about a minute)")
     p.add_argument("--amp", action=onoff, help="bf16 autocast for the networks (default: on CUDA only)")
     p.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     p.add_argument("--sample-every", type=positive_int, default=5, help="epochs between prior-sample grids")
@@ -724,14 +725,13 @@ def make_out_dir(path):
 
 
 def setup(args):
-    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: compile and bf16
-    default on for CUDA only, TF32 on."""
+    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: bf16 autocast by
+    default on CUDA only, TF32 on. (torch.compile is off unless asked for, on every device.)"""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(d for d, ok in available.items() if ok) if args.device == "auto" else args.device
     if not available[name]:
         fail(f"--device {name} asked, but it is not available")
     device = torch.device(name)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
     args.amp = (device.type == "cuda") if args.amp is None else args.amp
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device

@@ -55,8 +55,8 @@ def make_parser():
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the network for training (default: on CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the network for training: for long runs (a cold compile costs about a minute)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast for the network (default: on CUDA only)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     g.add_argument("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
@@ -635,14 +635,13 @@ def make_out_dir(path):
 
 
 def setup(args):
-    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: compile and bf16
-    default on for CUDA only, TF32 on."""
+    """The device (auto: CUDA, else MPS, else the CPU), and what depends on it: bf16 autocast by
+    default on CUDA only, TF32 on. (torch.compile is off unless asked for, on every device.)"""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(d for d, ok in available.items() if ok) if args.device == "auto" else args.device
     if not available[name]:
         fail(f"--device {name} asked, but it is not available")
     device = torch.device(name)
-    args.compile = (device.type == "cuda") if args.compile is None else args.compile
     args.amp = (device.type == "cuda") if args.amp is None else args.amp
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device

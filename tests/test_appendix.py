@@ -112,3 +112,20 @@ def test_a_restored_optimizer_keeps_this_runs_kernel_options_and_the_checkpoints
         opt.step()
         opt_here.step()
     assert torch.allclose(resumed, saved, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", CARRIERS + ["latent_diffusion.py", "sample.py"])
+def test_torch_compile_is_off_by_default_on_every_device(name, monkeypatch):
+    """One rule in every script: --compile is asked for, never switched on by the device (a cold
+    compile costs about a minute, more than a default run's eager kernels). setup() runs here with
+    CUDA reported present, as on a GPU machine, and leaves the choice as the command line made it."""
+    module = importlib.import_module(name[:-3])
+    parser = module.make_parser()
+    compile_action = next(a for a in parser._actions if "--compile" in a.option_strings)
+    assert compile_action.default is False, f"{name}: --compile defaults to {compile_action.default!r}"
+    carrier = module if hasattr(module, "setup") else importlib.import_module("ddpm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for asked in (False, True):
+        args = argparse.Namespace(device="cuda", compile=asked, amp=None)
+        carrier.setup(args)
+        assert args.compile is asked and args.amp is True, name  # bf16 still follows the device

@@ -139,9 +139,12 @@ def test_speed_experiment_flags(monkeypatch, capsys):
         bench.main([*FAST, *TINY_DDPM, "--compile-mode", "max-autotune"])  # a CPU: no compile by default
     assert "--compile-mode needs torch.compile" in capsys.readouterr().err
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "force_layout_optimization", False)
-    assert bench.main([*FAST, *TINY_DDPM, "--compile", "--force-layout"])["force_layout"]
-    assert inductor_config.force_layout_optimization
+    seen = []  # the flag as the compiled network sees it: on inside the run, as it was after it
+    monkeypatch.setitem(bench.PARTS, "ddpm", lambda *a, **kw: seen.append(inductor_config.force_layout_optimization)
+                        or bench.ddpm_parts(*a, **kw))
+    with inductor_config.patch(force_layout_optimization=False):  # torch's own patch (see test_train_step)
+        assert bench.main([*FAST, *TINY_DDPM, "--compile", "--force-layout"])["force_layout"]
+        assert seen == [True] and inductor_config.force_layout_optimization is False
     with pytest.raises(SystemExit):
         bench.main([*FAST, *TINY_DDPM, "--force-layout"])
     assert "--force-layout needs torch.compile" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu(capsys):
     dropped and noise, and train the same function. (Compared through the trained functions, as
     above, with room for the GPU's non-deterministic sums and TF32.)"""
     device = torch.device("cuda")
-    runs = []
+    runs, benchmark = [], torch.backends.cudnn.benchmark
     try:
         for record in (False, True):
             torch.backends.cudnn.benchmark = True  # as replayable() sets it: the same algorithms in both runs
@@ -144,7 +144,7 @@ def test_the_recorded_step_trains_as_the_eager_step_on_a_gpu(capsys):
             runs.append((net, ema, torch.stack(timesteps)))
     finally:
         torch.set_autocast_cache_enabled(True)
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = benchmark
     out = capsys.readouterr().out
     assert "recording of the step as a CUDA graph" in out and "could not record" not in out, out
     (net_e, ema_e, t_e), (net_r, ema_r, t_r) = runs
@@ -195,8 +195,7 @@ def replay_on_stand_ins(monkeypatch, steps, fail_recording=False):
     """ddpm.replayable's logic on the CPU: torch.compile (aot_eager), bf16 autocast and a
     tensor learning rate and decay as train() has them, CUDA's streams and graph replaced by
     stand-ins. Returns, per call of the step function: (phase, the images it saw), and the losses."""
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # a property of the module: restored as it was
     monkeypatch.setattr(torch.cuda, "Stream", lambda: argparse.Namespace(wait_stream=lambda other: None))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: argparse.Namespace(wait_stream=lambda other: None))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
@@ -225,21 +224,25 @@ def replay_on_stand_ins(monkeypatch, steps, fail_recording=False):
             graph.run, graph.outputs, spy.recorded = lambda: spy(images, labels, decay), out, True
         return out
     spy.recorded = False
-    run = ddpm.replayable(spy, torch.device("cuda"), enabled=True)
     images = torch.randint(0, 256, (steps, 4, 28, 28), dtype=torch.uint8)
     losses = []
-    try:
-        for step in range(steps):
-            if step == 3:  # from here on a recompile of the network is an error
-                torch.compiler.set_stance("fail_on_recompile")
-            lr.fill_(1e-2 / (1 + step))
-            decay.fill_(ddpm.ema_decay(step, 0.999))
-            loss, t = run(images[step], torch.zeros(4, dtype=torch.long), decay)
-            losses.append(loss.clone())
-    finally:
-        torch.compiler.set_stance("default")
-        torch.set_autocast_cache_enabled(True)
-        torch._dynamo.reset()
+    # torch's config modules keep their values outside the module's __dict__, so pytest's
+    # monkeypatch (9.2) deletes the entry when it undoes a patch; the config's own patch()
+    # restores it, also after replayable() turns suppress_errors on for its run.
+    with torch._dynamo.config.patch(suppress_errors=False):
+        run = ddpm.replayable(spy, torch.device("cuda"), enabled=True)
+        try:
+            for step in range(steps):
+                if step == 3:  # from here on a recompile of the network is an error
+                    torch.compiler.set_stance("fail_on_recompile")
+                lr.fill_(1e-2 / (1 + step))
+                decay.fill_(ddpm.ema_decay(step, 0.999))
+                loss, t = run(images[step], torch.zeros(4, dtype=torch.long), decay)
+                losses.append(loss.clone())
+        finally:
+            torch.compiler.set_stance("default")
+            torch.set_autocast_cache_enabled(True)
+            torch._dynamo.reset()
     return seen, images, torch.stack(losses)
 
 
@@ -254,6 +257,16 @@ def test_replayable_warms_up_records_once_and_replays_each_steps_inputs(monkeypa
     for step, (_, seen_images) in zip([0, 1, 2, 3, 4, 5, 6], seen[:3] + seen[4:]):
         assert torch.equal(seen_images, images[step])  # each replay trained on that step's digits
     assert torch.isfinite(losses).all() and len(set(losses.flatten().tolist())) > 20
+
+
+def test_the_stand_in_run_leaves_torchs_configuration_as_it_found_it(monkeypatch):
+    """replayable() turns dynamo's suppress_errors on for its run; a test of it restores the value
+    and keeps the entry (undone by pytest's monkeypatch, the entry was deleted for the rest of the
+    process, and the next test to patch it failed with AttributeError)."""
+    before = torch._dynamo.config.suppress_errors
+    replay_on_stand_ins(monkeypatch, steps=1)
+    monkeypatch.undo()
+    assert torch._dynamo.config.suppress_errors == before and "suppress_errors" in torch._dynamo.config.get_config_copy()
 
 
 def test_a_failed_recording_is_one_line_and_training_goes_on_eagerly(monkeypatch, capsys):
