@@ -3,17 +3,19 @@ discrete_diffusion.py: diffusion on discrete pixels (D3PM, Austin et al. 2021), 
 
 ddpm.py treats a pixel as a real number and corrupts it with Gaussian noise. Here a pixel is
 one of K categories (default K = 2: black or white), and the corruption is a Markov chain on
-those categories, one transition matrix per step (rows: from, columns: to):
+those categories, one transition matrix per step (rows: from, columns: to). Time indices are
+0-based as in ddpm.py: t = 0 .. T-1, the digit is x0, and x_t is x0 after t + 1 transitions (the
+paper's x_{t+1}; x_{-1} below is x0):
 
     forward  q(x_t | x_{t-1}) = Cat(x_t; x_{t-1} Q_t)          x a one-hot row, Q_t rows sum to 1
-    closed   q(x_t | x_0)     = Cat(x_t; x_0 Q-bar_t),         Q-bar_t = Q_0 Q_1 ... Q_t
+    closed   q(x_t | x0)      = Cat(x_t; x0 Q-bar_t),          Q-bar_t = Q_0 Q_1 ... Q_t
     reverse  p(x_{t-1} | x_t) = sum_{x0} q(x_{t-1}, x_t | x0) p~(x0 | x_t)   (a U-Net predicts p~)
 
 --transition picks the matrices: uniform (a pixel jumps to any of the K values, Hoogeboom et
 al. 2021), absorbing (it jumps to an extra [MASK] state and stays there: masked-token models
 such as BERT are the one-step case), gaussian (K > 2: it jumps to nearby levels more often).
 Training minimises the variational bound plus a little cross-entropy on x0 (D3PM eq. 5); the
-bound on the test digits is a likelihood in nats per digit. At K = 2 the digits are binarized
+bound on the test digits is an upper bound on their negative log-likelihood, in nats per digit. At K = 2 the digits are binarized
 exactly as vae.py binarizes them, so the nats compare with the VAE's -ELBO and IWAE bound.
 
 Run:
@@ -28,7 +30,7 @@ Run:
 
 Writes to --out-dir (default out/discrete_diffusion): ckpt.pt (raw + EMA weights, optimizer,
 step, RNG), samples_epoch_NNN.png and samples.png (EMA weights, all T steps), corruption.png
-(x_0 ... x_{T-1} for test digits), unmasking.png (absorbing: when each pixel was unmasked),
+(x0, then x_t up to x_{T-1}, for test digits), unmasking.png (absorbing: when each pixel was unmasked),
 metrics.json (config, losses, the bound, speed); --eval-only: eval_*.png and eval.json.
 
 Reading order: the knobs -> data as categories -> transition matrices and schedules ->

@@ -99,7 +99,8 @@ def make_parser():
 def make_networks(arch, latent_dim, hidden_dim, channels, out_channels, num_classes):
     """(encoder, decoder); num_classes: the size of the one-hot label they also read (0: none).
     mlp: 784 -> hidden -> 2L and L -> hidden -> out_channels x 784, one ReLU hidden layer each
-         (the MNIST model of Kingma & Welling, appendix C, with ReLU for tanh).
+         (the shape of Kingma & Welling's MNIST model, appendix C, with ReLU for tanh; they used
+         500 hidden units on MNIST, section 5: --hidden-dim defaults to pytorch/examples' 400).
     cnn: two stride-2 convolutions and a Linear, (B,1,28,28) -> (B,c,14,14) -> (B,2c,7,7) -> (B, 2L),
          and the mirror image. Kernel 4, stride 2, padding 1 maps n to exactly n/2, and transposed
          to (n - 1)*2 - 2 + 4 = 2n: 28 -> 14 -> 7 -> 14 -> 28, no cropping, no output_padding."""
