@@ -2,25 +2,29 @@
 ddpm.py: Denoising Diffusion Probabilistic Models on MNIST, from scratch, in one file.
 
 A diffusion model (Sohl-Dickstein et al. 2015; Ho et al. 2020) destroys a digit in T small
-steps of Gaussian noise and learns to undo one step at a time:
+steps of Gaussian noise and learns to undo one step at a time. Time indices in this file are
+0-based, t = 0 .. T-1, and the digit itself is x0: code step t is the paper's step t + 1, so the
+code's x_t at t = 0 is the paper's x_1 (noised once), x_{T-1} is (almost) pure noise, and
+x_{-1} in the formulas means the digit x0. With these indices:
 
-    forward  q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)      (fixed, no weights)
-    closed   q(x_t | x_0)     = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_s (1 - beta_s)
-    reverse  p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)           (learned: a U-Net)
+    forward  q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)   t = 0 .. T-1  (fixed, no weights)
+    closed   q(x_t | x0)      = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I),  alpha_bar_t = prod_{s<=t} (1 - beta_s)
+    reverse  p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)        t = T-1 .. 0  (learned: a U-Net)
 
-Training maximises a variational bound on log p(x_0). Written through the noise eps that made
-x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, the bound becomes, up to weights, a
+Training maximises a variational bound on log p(x0). Written through the noise eps that made
+x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, the bound becomes, up to weights, a
 regression (Ho eq. 14). What this file runs by default:
 
     - the cosine schedule of alpha_bar_t (Nichol & Dhariwal 2021),
-    - a network that predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho
+    - a network that predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho
       2022), trained with the weight that makes its loss exactly the eps loss of Ho eq. 14:
-          L = E_{t, x_0, eps} alpha_bar_t || v - v_theta(x_t, t) ||^2 = E || eps - eps_theta(x_t, t) ||^2,
+          L = E_{t, x0, eps} alpha_bar_t || v - v_theta(x_t, t) ||^2 = E || eps - eps_theta(x_t, t) ||^2,
     - an exponential moving average (EMA) of the weights, which draws the samples,
     - DDIM sampling (Song et al. 2021) in 50 steps with eta = 1: every step draws fresh noise, as
       ancestral sampling does (eta = 0 is the deterministic DDIM, one digit per starting noise).
 
-The same bound, evaluated on held-out digits, is a likelihood in bits/dim.
+The same bound, evaluated on held-out digits, is an upper bound on the negative log-likelihood,
+in bits/dim.
 
 Run:
     python ddpm.py --epochs 100                                  # the default model (a GPU)
@@ -33,8 +37,7 @@ Writes to --out-dir (default out/ddpm): ckpt.pt (raw + EMA weights, optimizer, s
 samples_epoch_NNN.png (from the EMA weights), metrics.json (config, losses, bits/dim, speed).
 
 Sections 0-9 are the algorithm, then the extensions (guidance, inpainting, speed on GPUs,
-torchrun), this script's run plumbing, and the appendix shared by every script. Time indices
-are 0-based: t in [0, T), x_{T-1} is (almost) pure noise, the data x_0 is x0.
+torchrun), this script's run plumbing, and the appendix shared by every script.
 """
 
 import argparse
@@ -50,7 +53,7 @@ import time
 import numpy as np
 import torch
 
-from unet import UNet
+from unet import DiT, UNet
 
 
 def make_parser():
@@ -64,10 +67,12 @@ def make_parser():
     g.add_argument("--batch-size", type=positive_int, default=256, help="images per optimizer step")
     g.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate after warm-up")
     g.add_argument("--warmup-steps", type=positive_int, default=500, help="linear learning-rate warm-up")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+                   help="after the warm-up: constant, or a cosine down to 0 at the run's planned end")
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, every draw")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--minutes", type=positive_float, default=None, help="stop after this much training time, summed over --resume")
+    g.add_argument("--minutes", type=positive_float, default=None, help="stop after this much time (grids and checkpoints count), summed over --resume")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda > mps > cpu")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the training network: for long runs (a cold compile costs about a minute)")
@@ -79,13 +84,20 @@ def make_parser():
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
     g.add_argument("--eval-only", action="store_true", help="evaluate out-dir/ckpt.pt instead of training")
     g.add_argument("--eval-images", type=nonneg_int, default=256, help="test digits for the bound (T network calls each)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["resnet", "shuffle"], default="resnet", help="U-Net block type")
-    g.add_argument("--channels", type=positive_int, default=32, help="width of the first U-Net level")
-    g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
-    g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
-    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True, help="self-attention at 7x7")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
+    g = p.add_argument_group("model (each backbone's flags; its defaults in BACKBONES)")
+    g.add_argument("--arch", choices=["unet", "dit"], default="unet",
+                   help="the denoising network: a U-Net, or a Diffusion Transformer (unet.py)")
+    g.add_argument("--block", choices=["resnet", "shuffle"], default=None, help="unet: the residual block (default resnet)")
+    g.add_argument("--channels", type=positive_int, default=None, help="unet: width of the first level (default 32)")
+    g.add_argument("--channel-mult", default=None, help="unet: width multiplier per level, 28 -> 14 -> 7 (default 1,2,2)")
+    g.add_argument("--num-blocks", type=positive_int, default=None, help="unet: residual blocks per level (default 2)")
+    g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="unet: self-attention at 7x7 (default on)")
+    g.add_argument("--dropout", type=float, default=None, help="unet: dropout in the residual blocks (default 0)")
+    g.add_argument("--patch-size", type=positive_int, default=None, help="dit: p x p pixels per token, p divides 28 (default 4)")
+    g.add_argument("--width", type=positive_int, default=None, help="dit: the transformer's width (default 128)")
+    g.add_argument("--depth", type=positive_int, default=None, help="dit: transformer blocks (default 6)")
+    g.add_argument("--heads", type=positive_int, default=None, help="dit: attention heads (default 4)")
     g.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=False,
                    help="condition on the digit's label (classifier-free guidance)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="--class-cond: probability of dropping a training label")
@@ -95,9 +107,13 @@ def make_parser():
     g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     g.add_argument("--pred", choices=["eps", "x0", "v"], default="v", help="what the network predicts")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
+    g.add_argument("--min-snr-gamma", type=number_at_least(float, 0), default=5.0,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain eps-loss weight")
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="DDIM, or ancestral DDPM (all T steps)")
-    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim",
+                   help="DDIM, ancestral DDPM (all T steps), or DPM-Solver++(2M)")
+    g.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="DDIM / DPM-Solver++ steps (default 50, or T if fewer)")
     g.add_argument("--eta", type=float, default=None, help="DDIM noise (default 1, as DDPM; 0: deterministic)")
     g.add_argument("--num-samples", type=positive_int, default=64, help="images per grid (--class-cond: a row per class)")
     g.add_argument("--guidance", type=float, default=0.0, help="--class-cond: guidance weight w (0: the conditional model)")
@@ -109,9 +125,14 @@ def make_parser():
 
 # The flags that define a trained model (a resumed or evaluated run takes them from its
 # checkpoint), and those that a resumed run keeps so that it continues the same run.
-MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout", "schedule", "timesteps", "pred",
-              "class_cond")
-RUN_KEYS = ("seed", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "p_uncond")
+MODEL_KEYS = ("arch", "block", "channels", "channel_mult", "num_blocks", "attention", "dropout", "patch_size", "width",
+              "depth", "heads", "schedule", "timesteps", "pred", "class_cond")
+BACKBONES = {  # each backbone's own flags and their defaults (a flag of the other one is refused)
+    "unet": {"block": "resnet", "channels": 32, "channel_mult": "1,2,2", "num_blocks": 2, "attention": True, "dropout": 0.0},
+    "dit": {"patch_size": 4, "width": 128, "depth": 6, "heads": 4},
+}
+RUN_KEYS = ("seed", "batch_size", "lr", "warmup_steps", "lr_schedule", "grad_clip", "ema_decay", "min_snr_gamma",
+            "p_uncond")
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,12 +157,25 @@ def parse_channel_mult(text):
 
 
 def build_model(config):
-    """unet.py's U-Net described by a config dict (the argparse namespace, or a checkpoint's):
+    """unet.py's network described by a config dict (the argparse namespace, or a checkpoint's): the
+    U-Net, or with --arch dit the Diffusion Transformer (Peebles & Xie 2023), the same interface:
     (B, 1, 28, 28) noisy image, (B,) timesteps [, (B,) labels] -> (B, 1, 28, 28) prediction."""
+    arch, block = config["arch"], config.get("block")
+    if arch in ("resnet", "shuffle"):  # a checkpoint from before the DiT, when --arch named the U-Net's block
+        arch, block = "unet", arch
+    labels = 10 if config["class_cond"] else None
+    if arch == "dit":
+        return DiT(in_channels=1, out_channels=1, image_size=28, patch_size=config["patch_size"], width=config["width"],
+                   depth=config["depth"], heads=config["heads"], num_classes=labels)
     return UNet(in_channels=1, out_channels=1, channels=config["channels"],
                 channel_mult=parse_channel_mult(config["channel_mult"]), num_blocks=config["num_blocks"],
-                attention=config["attention"], dropout=config["dropout"], block=config["arch"],
-                num_classes=10 if config["class_cond"] else None)
+                attention=config["attention"], dropout=config["dropout"], block=block, num_classes=labels)
+
+
+# From section 4 on, the math calls the network as model_fn(x_t, t) -> prediction, (B, 1, 28, 28):
+# the network as make_model_fn (the appendix) wraps it, in bf16 autocast if --amp, compiled if
+# --compile, its output always float32, so the math around it stays fp32. With --class-cond the
+# network also takes labels, and with_labels (extension A) binds them: model_fn(x_t, t) again.
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,8 +201,9 @@ def linear_betas(T):
 def cosine_betas(T, s=0.008, max_beta=0.999):
     """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(u) = cos^2(((u + s)/(1 + s)) pi/2).
 
-    beta_t = 1 - alpha_bar(t+1)/alpha_bar(t) = 1 - f((t+1)/T) / f(t/T), clipped at 0.999
-    (the last step would be beta = 1, which divides by zero in the posterior).
+    beta_t = 1 - alpha_bar(t+1)/alpha_bar(t) = 1 - f((t+1)/T) / f(t/T), clipped at 0.999:
+    f(1) = 0, so unclipped the last step has beta = 1 and alpha_bar = 0, and both 1/sqrt(alpha_t)
+    in Ho's eq. 11 and 1/sqrt(alpha_bar) in x0_hat (predict_x0_eps) would divide by zero.
     The small offset s keeps beta_0 from being vanishingly small. Noise is added more
     slowly than with the linear schedule, which wastes fewer steps on pure noise at 28x28.
     """
@@ -190,13 +225,14 @@ def make_schedule(name, T, device="cpu"):
     alphas = 1 - betas                                                # alpha_t = 1 - beta_t
     alpha_bar = torch.cumprod(alphas, dim=0)                          # alpha_bar_t = prod_{s<=t} alpha_s
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # alpha_bar_{t-1}, 1 at t=0
-    # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t) (Ho eq. 6-7):
+    # Posterior q(x_{t-1} | x_t, x0) = N(post_coef_x0 x0 + post_coef_xt x_t, beta_tilde_t) (Ho eq. 6-7):
     #   beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
-    #   coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
-    #   coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    #   post_coef_x0 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
+    #   post_coef_xt = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     post_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
-    # beta_tilde_0 = 0 (x_0 is known exactly given x at t = 0); its log would be -inf, so the
-    # bound uses beta_tilde_1 there (improved-diffusion's "log variance clipped").
+    # beta_tilde_0 = 0 (at t = 0 the previous state x_{-1} is the digit x0 itself, known exactly);
+    # its log would be -inf, so the bound uses beta_tilde_1 there (improved-diffusion's "log
+    # variance clipped").
     post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
     sched = {
         "betas": betas,
@@ -222,14 +258,14 @@ def at(values, t, x):
 # ---------------------------------------------------------------------------------------
 
 def q_sample(sched, x0, t, noise):
-    """x_t ~ q(x_t | x_0) by reparameterisation (Ho eq. 4):  x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
+    """x_t ~ q(x_t | x0) by reparameterisation (Ho eq. 4):  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps."""
     return at(sched["sqrt_alpha_bar"], t, x0) * x0 + at(sched["sqrt_one_minus_alpha_bar"], t, x0) * noise
 
 
 def q_posterior(sched, x0, x_t, t):
-    """Mean, variance and log variance of q(x_{t-1} | x_t, x_0) (Ho eq. 6-7).
+    """Mean, variance and log variance of q(x_{t-1} | x_t, x0) (Ho eq. 6-7).
 
-    Tractable because, given x_0, both q(x_{t-1}|x_0) and q(x_t|x_{t-1}) are Gaussian:
+    Tractable because, given x0, both q(x_{t-1}|x0) and q(x_t|x_{t-1}) are Gaussian:
     Bayes' rule multiplies them into another Gaussian."""
     mean = at(sched["post_coef_x0"], t, x0) * x0 + at(sched["post_coef_xt"], t, x0) * x_t
     return mean, at(sched["post_var"], t, x0), at(sched["post_log_var"], t, x0)
@@ -241,18 +277,21 @@ def q_posterior(sched, x0, x_t, t):
 # Given x_t, any one of eps, x0, v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)
 # determines the other two, so the network can be trained to output any of them. The
 # sampler and the bound always work with (x0_hat, eps_hat). The default is v: near t = T an
-# eps-network's x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab) divides its error by
-# sqrt(ab) = 0.006, and a briefly trained one leaves many digits on a grey background; v is
-# x0 there (after 10 CPU minutes: FD 168 with v against 890 with eps; docs/ddpm.md).
+# eps-network's x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab) divides its error by sqrt(ab),
+# 0.006 at the last step of the linear schedule and 5e-5 of the cosine one, and a briefly
+# trained one leaves many digits on a grey background; v is x0 there (docs/ddpm.md measures
+# the difference).
 
 def predict_x0_eps(sched, x_t, t, out, parameterization, clip=False):
     """Turn the network output into (x0_hat, eps_hat).
 
-    eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)          (Ho eq. 4 solved for x_0)
+    eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)          (Ho eq. 4 solved for x0)
     x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
     v:   x0 = sqrt(ab) x_t - sqrt(1 - ab) v,  eps = sqrt(1 - ab) x_t + sqrt(ab) v
     clip: clamp x0_hat to the data range [-1, 1] and re-derive eps_hat from it, so the two
-    stay consistent (what the DDPM and DDIM reference samplers do).
+    stay consistent (improved-diffusion's DDIM sampler does this, gaussian_diffusion.py's
+    ddim_sample; Ho et al.'s ancestral sampler clips x0_hat before the posterior mean, which
+    needs no eps).
     """
     signal_scale, noise_scale = at(sched["sqrt_alpha_bar"], t, x_t), at(sched["sqrt_one_minus_alpha_bar"], t, x_t)
     if parameterization == "eps":
@@ -272,39 +311,50 @@ def predict_x0_eps(sched, x_t, t, out, parameterization, clip=False):
     return x0, eps
 
 
-def training_target_and_weight(sched, x0, noise, t, parameterization):
+def training_target_and_weight(sched, x0, noise, t, parameterization, min_snr_gamma=0.0):
     """The regression target for each parameterisation and the weight that makes its MSE
     equal to the eps-MSE of the simple loss (Ho eq. 14), with snr = ab / (1 - ab):
 
         ||eps - eps_hat||^2 = 1 * ||eps - eps_hat||^2 = snr ||x0 - x0_hat||^2 = snr/(snr + 1) ||v - v_hat||^2
 
     So --pred changes what the network outputs, not what is optimised. (The x0 weight is
-    about 1e4 at t = 0: predicting x0 there is easy and its errors are magnified.)"""
+    about 1e4 at t = 0: predicting x0 there is easy and its errors are magnified.)
+
+    min_snr_gamma > 0: Min-SNR-gamma weighting (Hang et al. 2023, eq. 8), which caps the weight of
+    the low-noise steps, where the eps-loss asks for pixel-exact detail and its gradients fight
+    those of the noisy steps: each weight above times min(snr, gamma) / snr, i.e. an eps-loss
+    weight min(snr, gamma) / snr, an x0 weight min(snr, gamma), a v weight min(snr, gamma) / (snr + 1).
+    The loss is then no longer the eps-MSE of the bound."""
     ab = at(sched["alpha_bar"], t, x0)
     if parameterization == "eps":
-        return noise, torch.ones_like(ab)
-    if parameterization == "x0":
-        return x0, ab / (1 - ab)
-    if parameterization == "v":
-        return ab.sqrt() * noise - (1 - ab).sqrt() * x0, ab  # snr / (snr + 1) = ab
-    raise ValueError(f"unknown parameterization {parameterization!r}: use 'eps', 'x0' or 'v'")
+        target, weight = noise, torch.ones_like(ab)
+    elif parameterization == "x0":
+        target, weight = x0, ab / (1 - ab)
+    elif parameterization == "v":
+        target, weight = ab.sqrt() * noise - (1 - ab).sqrt() * x0, ab  # snr / (snr + 1) = ab
+    else:
+        raise ValueError(f"unknown parameterization {parameterization!r}: use 'eps', 'x0' or 'v'")
+    if min_snr_gamma:
+        snr = ab / (1 - ab)
+        weight = weight * snr.clamp(max=min_snr_gamma) / snr
+    return target, weight
 
 
 # ---------------------------------------------------------------------------------------
 # 4. Training loss
 # ---------------------------------------------------------------------------------------
 
-def diffusion_loss(model_fn, sched, x0, parameterization, generator=None):
+def diffusion_loss(model_fn, sched, x0, parameterization, generator=None, min_snr_gamma=0.0):
     """Per-image simple loss and the timesteps drawn.  (B,1,28,28) -> (B,), (B,); any (B, ...) data.
 
     Algorithm 1 of Ho et al.: t ~ Uniform{0..T-1}, eps ~ N(0, I), regress the target at
-    x_t = q_sample(x_0, t, eps). Returns the per-image loss so that the training loop can
-    report it per quarter of the timestep range."""
+    x_t = q_sample(x0, t, eps). Returns the per-image loss so that the training loop can
+    report it per quarter of the timestep range. min_snr_gamma: see training_target_and_weight."""
     T = sched["betas"].shape[0]
     t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = q_sample(sched, x0, t, noise)
-    target, weight = training_target_and_weight(sched, x0, noise, t, parameterization)
+    target, weight = training_target_and_weight(sched, x0, noise, t, parameterization, min_snr_gamma)
     out = model_fn(x_t, t)
     return (weight * (out - target) ** 2).flatten(1).mean(1), t
 
@@ -317,7 +367,7 @@ def diffusion_loss(model_fn, sched, x0, parameterization, generator=None):
 
 def p_mean(sched, x_t, t, out, parameterization, clip=True):
     """The mean of the learned reverse step p(x_{t-1} | x_t) = N(mu_theta(x_t, t), beta_tilde_t I)
-    (Ho eq. 1, 11): the posterior mean with x_0 replaced by the network's estimate,
+    (Ho eq. 1, 11): the posterior mean with x0 replaced by the network's estimate,
         mu_theta(x_t, t) = coef1 x0_hat + coef2 x_t,
     which, written through eps_hat, is Ho eq. 11: (x_t - beta_t / sqrt(1 - ab_t) eps_hat) / sqrt(alpha_t).
     x0_hat is clipped to [-1, 1] (images; data without a range, such as latents: clip=False).
@@ -330,8 +380,8 @@ def p_mean(sched, x_t, t, out, parameterization, clip=True):
 @torch.no_grad()
 def ddpm_sample(model_fn, sched, shape, parameterization, generator=None, on_step=None, clip=True):
     """Ancestral sampling, Ho et al. Algorithm 2: x_{T-1} ~ N(0, I), then for t = T-1 .. 0
-        x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z ~ N(0, I)  (no noise at the last step).
-    Returns x in [-1, 1] (with clip)."""
+        x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z ~ N(0, I)  (no noise at the last step),
+    whose last step, t = 0, gives x_{-1}: the digit. Returns x in [-1, 1] (with clip)."""
     T, device = sched["betas"].shape[0], sched["betas"].device
     x = torch.randn(shape, device=device, generator=generator)
     for step in range(T - 1, -1, -1):
@@ -359,7 +409,7 @@ def ddim_sigma2(ab_t, ab_prev, eta):
 
 
 @torch.no_grad()
-def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=0.0, generator=None, on_step=None, clip=True):
+def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=1.0, generator=None, on_step=None, clip=True):
     """DDIM, Song et al. 2021 eq. 12, from t to the previous grid point s:
 
         x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z
@@ -384,25 +434,73 @@ def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=0.0, gen
     return x
 
 
+@torch.no_grad()
+def dpm_solver_sample(model_fn, sched, shape, parameterization, steps=20, generator=None, on_step=None, clip=True):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): a second-order multistep
+    solver of the probability-flow ODE, written in the data prediction x0_hat.
+
+    With alpha = sqrt(ab), sigma = sqrt(1 - ab) and the half log-SNR lambda = log(alpha / sigma),
+    the ODE's exact solution from level t to the next grid level s (lambda grows as noise falls) is
+
+        x_s = (sigma_s / sigma_t) x_t + alpha_s int_{lambda_t}^{lambda_s} e^{-(lambda_s - l)} x0_hat(l) dl.
+
+    Taking x0_hat constant over the step gives DDIM with eta = 0 (first order):
+        x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) x0_hat_t,   h = lambda_s - lambda_t.
+    2M replaces that constant by a line through this step's and the last step's x0_hat, one
+    network call per step as DDIM, a second-order error:
+        D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,   r = h_prev / h.
+    The grid is DDIM's (ddim_timesteps); the first step has no previous x0_hat (first order), and
+    the last goes to the data (ab = 1, sigma = 0): x = x0_hat, as in ddim_sample."""
+    T, device = sched["betas"].shape[0], sched["betas"].device
+    grid = ddim_timesteps(T, steps)
+    x = torch.randn(shape, device=device, generator=generator)
+    return dpm_solver_2m(model_fn, sched, x, grid, parameterization, clip, on_step)
+
+
+def dpm_solver_2m(model_fn, sched, x, grid, parameterization, clip=True, on_step=None, end=None):
+    """The loop of dpm_solver_sample from x at grid[0] through the grid, then to the level `end`
+    (a timestep below grid[-1]; None: the data itself, where the last step is x = x0_hat)."""
+    alpha, sigma = sched["sqrt_alpha_bar"], sched["sqrt_one_minus_alpha_bar"]
+    lam = torch.log(alpha) - torch.log(sigma)
+    x0_prev = h_prev = None
+    for i, step in enumerate(grid):
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        x0_hat, _ = predict_x0_eps(sched, x, t, model_fn(x, t), parameterization, clip)
+        nxt = grid[i + 1] if i + 1 < len(grid) else end
+        if nxt is None:
+            x = x0_hat
+        else:
+            h = lam[nxt] - lam[step]
+            D = x0_hat if x0_prev is None else x0_hat + (x0_hat - x0_prev) * h / (2 * h_prev)  # 1/(2r) = h/(2 h_prev)
+            x = (sigma[nxt] / sigma[step]) * x - alpha[nxt] * torch.expm1(-h) * D
+            x0_prev, h_prev = x0_hat, h
+        if on_step:
+            on_step(x)
+    return x
+
+
 def sample(model_fn, sched, n, parameterization, sampler="ddim", steps=None, eta=1.0, generator=None, on_step=None,
            shape=(1, 28, 28), clip=True):
     """Draw n samples of the given shape (MNIST digits in [-1, 1] unless told) with the chosen
     sampler. The defaults, DDIM with 50 steps (or T if fewer) and eta = 1, are the best digits
-    per second we measured (README). clip: see p_mean (False for latent_diffusion.py's latents)."""
+    per second we measured (docs/ddpm.md, "Which sampler"). clip: see p_mean (False for latent_diffusion.py's latents)."""
     shape = (n, *shape)
     if sampler == "ddpm":
         return ddpm_sample(model_fn, sched, shape, parameterization, generator, on_step, clip)
     steps = steps or min(50, sched["betas"].shape[0])
+    if sampler == "dpm++2m":
+        return dpm_solver_sample(model_fn, sched, shape, parameterization, steps, generator, on_step, clip)
     return ddim_sample(model_fn, sched, shape, parameterization, steps, eta, generator, on_step, clip)
 
 
 # ---------------------------------------------------------------------------------------
 # 6. The variational bound in bits/dim
 # ---------------------------------------------------------------------------------------
-# -log p(x_0) <= L = L_prior + sum_{t=1}^{T-1} L_t + L_0   (Ho eq. 5, 0-indexed)
-#   L_prior = KL(q(x_{T-1} | x_0) || N(0, I))                      no weights; ~0 if the schedule ends in noise
-#   L_t     = E_q KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))     Gaussian vs Gaussian, closed form
-#   L_0     = -E_q log p(x_0 | x at t=0)                            a discretized Gaussian on the 256 pixel levels
+# -log p(x0) <= L = L_prior + sum_{t=1}^{T-1} L_t + L_0   (Ho eq. 5, 0-indexed)
+#   L_prior = KL(q(x_{T-1} | x0) || N(0, I))                     no weights; ~0 if the schedule ends in noise
+#   L_t     = E_q KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))    t = 1 .. T-1; Gaussian vs Gaussian, closed form
+#   L_0     = -E_q log p(x0 | x_0)                                 the last step, to the digit x_{-1} = x0: a
+#                                                                  discretized Gaussian on the 256 pixel levels
 # Each term is averaged over the 784 pixels and divided by ln 2: bits per dimension.
 # Data are the 8-bit pixel values k/127.5 - 1, k = 0..255, so the decoder assigns each the
 # probability of its bin [x - 1/255, x + 1/255] (edge bins open to +-infinity), and the bound
@@ -453,8 +551,9 @@ def vlb_bits_per_dim(model_fn, sched, x0, parameterization, generator=None):
     """The bound L for each image of x0 (B,1,H,W) in [-1, 1]: T network calls per image.
 
     Returns a dict of (B,) tensors: total, prior, kl (the sum of the L_t), decoder (L_0).
-    Uses the same reverse process as the sampler (x0_hat clipped to [-1, 1]): any choice of
-    mean gives a valid bound, and this one is the model that draws the samples."""
+    It scores the T-step ancestral chain of ddpm_sample (x0_hat clipped to [-1, 1]; any choice
+    of mean gives a valid bound), not the 50-step DDIM chain that draws the default samples (a
+    bound of that chain would sum its own 50 KL terms; this file does not compute it)."""
     T = sched["betas"].shape[0]
     B = x0.shape[0]
     bits = 1.0 / math.log(2.0)
@@ -462,7 +561,7 @@ def vlb_bits_per_dim(model_fn, sched, x0, parameterization, generator=None):
     def per_image(nats):  # nats per pixel -> bits/dim of each image
         return nats.mean(dim=(1, 2, 3)) * bits
 
-    # L_prior: q(x_{T-1} | x_0) = N(sqrt(ab) x_0, 1 - ab) against N(0, 1).
+    # L_prior: q(x_{T-1} | x0) = N(sqrt(ab) x0, 1 - ab) against N(0, 1).
     ab_last = sched["alpha_bar"][-1]
     prior = per_image(normal_kl(ab_last.sqrt() * x0, torch.log(1 - ab_last), torch.zeros_like(x0), torch.zeros_like(x0)))
 
@@ -508,6 +607,21 @@ def ema_update(ema_params, params, decay):
 # 8. Training
 # ---------------------------------------------------------------------------------------
 
+def learning_rate(step, total_steps, args):
+    """The learning rate of step `step` (0, 1, ...) of a run of total_steps: a linear warm-up over
+    --warmup-steps to --lr (Goyal et al. 2017), then constant, or (--lr-schedule cosine) a half
+    cosine from --lr down to 0 at the run's end (Loshchilov & Hutter 2017, without restarts):
+        lr = peak * min(1, (step + 1) / W) * (1 + cos(pi * p)) / 2,   p = (step - W) / (total - W) in [0, 1].
+    A schedule that ends at 0 makes the last weights an average over the last steps' small moves
+    (what the EMA does for a constant rate), and so needs the run's length: see TimeBudget."""
+    warm = args.warmup_steps
+    factor = min(1.0, (step + 1) / warm)
+    if args.lr_schedule == "cosine":
+        progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
+        factor *= 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * factor
+
+
 def make_train_step(model_fn, net, ema, opt, sched, args):
     """The training step: (uint8 digits, labels, EMA decay) -> (per-image loss, t).
 
@@ -520,7 +634,7 @@ def make_train_step(model_fn, net, ema, opt, sched, args):
     def train_step(images, labels, decay):
         x0 = to_model_range(images)
         fn = with_labels(model_fn, drop_labels(labels, args.p_uncond)) if args.class_cond else model_fn
-        loss, t = diffusion_loss(fn, sched, x0, args.pred)
+        loss, t = diffusion_loss(fn, sched, x0, args.pred, min_snr_gamma=args.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -541,6 +655,8 @@ def train(args):
     steps_per_epoch, total_steps = run_length(args, len(train_x))
     if rank == 0:  # DDP: one writer
         make_out_dir(args.out_dir)
+    budget = TimeBudget(args.minutes, ckpt, world, device)  # --minutes: the clock, and the run's planned length
+    total_steps = budget.planned(total_steps)
 
     sched = make_schedule(args.schedule, args.timesteps, device)
     net = build_model(vars(args)).to(device)
@@ -549,36 +665,38 @@ def train(args):
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **adam_options(device))
     step = restore(ckpt, device, model=net, ema=ema, optimizer=opt) if ckpt else 0
     opt.param_groups[0]["lr"] = lr  # (a restored optimizer brings its own copy)
-    seconds_before = ckpt["train_seconds"] if ckpt else 0.0  # for --minutes
+    budget.start(step)
     if world > 1:
         seed_rank(args.seed, rank, step)
     train_fn = make_model_fn(data_parallel(net, world, device), device, args.amp, args.compile)
     train_step = replayable(make_train_step(train_fn, net, ema, opt, sched, args), device, args.cuda_graph, args.compile)
-    ema_fn = make_model_fn(ema, device, args.amp)  # samplers eager: a compile cost 35 s, DDIM-50 of 10^4 4.3 s (H200)
+    ema_fn = make_model_fn(ema, device, args.amp)  # samplers eager: their compile costs more than it saves (performance.md)
     log(run_description(args, net, len(train_x), steps_per_epoch, total_steps, device, world))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     meter = Meter(step, total_steps, steps_per_epoch, args.batch_size, args.log_every, device)
-    meter.note = log_extras(args, mfu_note(net, sched, args, device),
-                            lambda: 60 * args.minutes - seconds_before - meter.training_seconds())
+    meter.note = log_extras(args, mfu_note(net, sched, args, device), budget.seconds_left)
 
     def save():
         if rank == 0:  # DDP: one writer
             save_checkpoint(ckpt_path, "ddpm", args, step, step // steps_per_epoch, device, model=net, ema=ema,
-                            optimizer=opt, train_seconds=seconds_before + meter.training_seconds())
+                            optimizer=opt, **budget.state())
 
     sample_speed, t_start = None, time.perf_counter()
     net.train()
     try:
         while step < total_steps:
             for images, labels in epoch_batches((train_x, train_y), step, steps_per_epoch, args.batch_size, args.seed):
-                lr.fill_(args.lr * min(1.0, (step + 1) / args.warmup_steps))  # linear warm-up
+                # this step's learning rate and EMA decay, as device tensors the step reads
+                lr.fill_(learning_rate(step, total_steps, args))
                 decay.fill_(ema_decay(step, args.ema_decay))
-                loss, t = train_step(images.tensor_split(world)[rank], labels.tensor_split(world)[rank], decay)  # DDP: a share
+                # one step of Algorithm 1 and the EMA update (under torchrun: this rank's share of the batch)
+                loss, t = train_step(images.tensor_split(world)[rank], labels.tensor_split(world)[rank], decay)
                 step += 1
+                # the log: the loss, and per quarter of the timestep range (t in [0, T/4), ...)
                 meter.add("loss", loss)
-                meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)  # t in [0, T/4), ...
-                if args.minutes and any_rank(seconds_before + meter.training_seconds() >= 60 * args.minutes, world, device):
-                    total_steps = meter.total = step  # the time budget is spent: this step was the last
+                meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)
+                # the time budget (--minutes): the run's length fixed after its first steps; when spent, the end
+                total_steps = meter.total = budget.update(step, total_steps)
                 meter.tick(step)
                 if step >= total_steps:
                     break
@@ -594,7 +712,7 @@ def train(args):
         sys.exit(130)
     if rank == 0:
         finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, time.perf_counter() - t_start,
-               seconds_before + meter.training_seconds(), sample_speed, sum(p.numel() for p in net.parameters()))
+               budget.seconds(), sample_speed, sum(p.numel() for p in net.parameters()))
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -741,20 +859,18 @@ def inpaint(model_fn, sched, x0, known, parameterization, resample=1, generator=
 # ---------------------------------------------------------------------------------------
 # C. Speed on GPUs: the training step as one recorded unit, and the MFU in the log
 # ---------------------------------------------------------------------------------------
-# On a GPU this 1.7M-parameter U-Net is host-bound: one eager training step launches about
-# 2,500 small kernels at ~7.6 us of Python and driver time each, while the kernels themselves
-# take about a quarter of the step (H200, batch 256: 47 ms a step, 13 ms of it kernels;
-# torch.compile alone changed nothing, CUDA graphs of the network alone gave 5x; measured
-# 2026-11-30, issue 21). A CUDA graph records every kernel of one step, the optimizer and the
-# EMA included, and replays them all with one call. What a replay needs: the same shapes
-# every step (full batches: run_length), inputs copied into the tensors that were recorded,
-# and no number that changes from step to step baked into the recording (the learning rate
-# and the EMA decay are device tensors; the optimizer is "capturable").
+# On a GPU this small U-Net is host-bound: one eager training step launches thousands of small
+# kernels, and the Python and driver time of each launch costs more than the kernel itself, so
+# the GPU waits for the host most of the step (the profile: docs/performance.md). A CUDA graph
+# records every kernel of one step, the optimizer and the EMA included, and replays them all
+# with one call. What a replay needs: the same shapes every step (full batches: run_length),
+# inputs copied into the tensors that were recorded, and no number that changes from step to
+# step baked into the recording (the learning rate and the EMA decay are device tensors; the
+# optimizer is "capturable").
 #
-# torch.compile is off by default, on GPUs too: a cold compile of this U-Net took 60-75 s on the
-# H200, while all the eager kernels of a default run on 8,000 digits take about 40 s (13 ms a
-# step x 3,100 steps): no fusion can win that back, and issue 21 asks for a 20 s start-up.
-# --compile may pay on long runs (the full 60,000 digits: 23,400 steps); unmeasured.
+# torch.compile is off by default, on GPUs too: a cold compile of this U-Net takes about a
+# minute, more than all the eager kernels of a default run add up to, so no fusion can win it
+# back there; --compile is for long runs (docs/performance.md has the figures).
 
 def adam_options(device):
     """AdamW's fused kernel where it exists, capturable (state and learning rate on the device) on CUDA."""
@@ -778,7 +894,7 @@ def replayable(train_step, device, enabled, compiled=False, warmup=3):
     train_step itself, with the time of its first call in the log if compiled."""
     if not enabled or device.type != "cuda":
         return first_call_logged(train_step) if compiled else train_step
-    torch.backends.cudnn.benchmark = True  # eager: 51.3 -> 47.2 ms a step on the H200 (issue 21)
+    torch.backends.cudnn.benchmark = True  # the fastest convolution for these fixed shapes (measured: performance.md)
     torch._dynamo.config.suppress_errors = True  # a network that fails to compile runs eagerly
     # A recording cannot reuse bf16 copies of the weights that autocast cached outside it, so its
     # cache is off, from the first warm-up step on: torch.compile guards on that flag, and turning
@@ -915,6 +1031,17 @@ def seed_rank(seed, rank, step):
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
+def same_on_every_rank(n, world, device):
+    """Rank 0's integer n on every rank (the planned length of a --minutes run: each rank's clock
+    differs, and the ranks must stop at the same step)."""
+    if world == 1:
+        return n
+    import torch.distributed as dist
+    value = torch.tensor([n], device=device, dtype=torch.long)
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
 def any_rank(flag, world, device):
     """True on every rank if it is on any: the ranks must stop at the same step. A host sync,
     used only under DDP with --minutes (each rank's clock differs)."""
@@ -930,14 +1057,84 @@ def any_rank(flag, world, device):
 # Run plumbing of this script: checks, evaluation of a checkpoint, the end of a run, grids
 # =======================================================================================
 
+class TimeBudget:
+    """--minutes: the run's clock and its length in steps. The clock is this process's since
+    train() began (loading, grids and checkpoint writes count; the evaluation after training does
+    not), plus what the earlier runs of a --resume chain spent. A schedule that ends at the run's
+    end (--lr-schedule cosine) needs that end as a step, so after PLAN_AFTER steps the speed they
+    took fixes it: the steps that fit the time left, less 5% for the grids and checkpoints still
+    to come and the machine's own variation (a few percent from minute to minute on 2 CPU cores). The plan goes into the checkpoint: a --resume with the same --minutes keeps it (and
+    so stays exact); another --minutes plans anew. The clock still ends a run that falls behind."""
+    PLAN_AFTER, SKIP = 50, 5  # steps timed (the first SKIP left out: warm-up, the CUDA graph's recording)
+
+    def __init__(self, minutes, ckpt, world, device):
+        self.minutes, self.world, self.device = minutes, world, device
+        ckpt = ckpt or {}
+        self.before = ckpt.get("train_seconds", 0.0)
+        self.plan = ckpt.get("planned_steps") if minutes and ckpt.get("planned_minutes") == minutes else None
+        self.t0 = time.perf_counter()
+
+    def planned(self, total_steps):
+        return min(total_steps, self.plan) if self.plan else total_steps
+
+    def start(self, step):
+        self.first_step, self.t_timed = step, None
+
+    def seconds(self):
+        return self.before + time.perf_counter() - self.t0
+
+    def seconds_left(self):
+        return 60 * self.minutes - self.seconds()
+
+    def update(self, step, total_steps):
+        """The run's total steps after `step` steps: planned once, cut short if the time is spent."""
+        if not self.minutes:
+            return total_steps
+        if self.plan is None and step - self.first_step in (self.SKIP, self.PLAN_AFTER):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the steps queued so far, done
+            if step - self.first_step == self.SKIP:
+                self.t_timed = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - self.t_timed) / (self.PLAN_AFTER - self.SKIP)
+                self.plan = same_on_every_rank(step + int(0.95 * self.seconds_left() / per_step), self.world, self.device)
+                log(f"--minutes {self.minutes:g}: {1000 * per_step:.0f} ms a step, so the run is planned as "
+                    f"{min(self.plan, total_steps)} steps")
+        if any_rank(self.seconds_left() <= 0, self.world, self.device):
+            if step < self.planned(total_steps):
+                log(f"--minutes {self.minutes:g} spent at step {step}, before the planned {self.planned(total_steps)}")
+            return step
+        return self.planned(total_steps)
+
+    def state(self):
+        """For the checkpoint: plain numbers."""
+        return {"train_seconds": self.seconds(), "planned_steps": self.plan, "planned_minutes": self.minutes}
+
+
+def check_backbone(args):
+    """--arch and its own flags: a flag of the other backbone is an error, not ignored; the rest
+    take BACKBONES' defaults."""
+    for arch, flags in BACKBONES.items():
+        given = [name for name in flags if getattr(args, name) is not None]
+        if arch != args.arch and given:
+            fail(f"--{given[0].replace('_', '-')} is a flag of --arch {arch}, not of --arch {args.arch}")
+    for name, default in BACKBONES[args.arch].items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    if args.arch == "unet":
+        try:
+            parse_channel_mult(args.channel_mult)
+        except ValueError as e:
+            fail(str(e))
+    elif 28 % args.patch_size or args.width % args.heads or args.width % 4:
+        fail(f"--arch dit: --patch-size must divide 28 and --width {args.width} must split into --heads {args.heads} "
+             f"and into 4 (the 2-D position embedding); got --patch-size {args.patch_size}")
+
+
 def check_args(args):
     """The checks no single argparse type can make."""
-    try:
-        parse_channel_mult(args.channel_mult)
-    except ValueError as e:
-        fail(str(e))
+    check_backbone(args)
     for name in ("ema_decay", "dropout", "p_uncond"):
-        if not 0.0 <= getattr(args, name) < 1.0:
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) < 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     check_sampler(args)
     if args.guidance and not args.class_cond and not (args.eval_only or args.resume):  # those read it from the checkpoint
@@ -957,6 +1154,8 @@ def check_sampler(args):
     """--sampler, --sample-steps and --eta together (latent_diffusion.py checks its own with this)."""
     if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
         fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
+    if args.sampler == "dpm++2m" and args.eta is not None:
+        fail("--eta applies to --sampler ddim (DPM-Solver++ solves the deterministic ODE)")
     if args.sample_steps is not None and args.sample_steps > args.timesteps:
         fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     args.eta = 1.0 if args.eta is None else args.eta
@@ -976,7 +1175,7 @@ def eval_only(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "ddpm")
     for key in MODEL_KEYS + ("seed",):
-        setattr(args, key, ckpt["config"][key])
+        setattr(args, key, ckpt["config"].get(key))  # (a checkpoint from before the DiT has no DiT keys)
     check_guidance(args)
     ema = build_model(ckpt["config"]).to(device).eval()
     ema.load_state_dict(ckpt["ema"])
@@ -1014,7 +1213,9 @@ def finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, wall
 
 def run_description(args, net, n_train, steps_per_epoch, total_steps, device, world):
     """The first log line: the model, the data and the run length, the hardware."""
-    return (f"ddpm: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({args.arch}), {args.schedule} "
+    shape = (f"DiT, patch {args.patch_size}, {args.depth} x {args.width}, {args.heads} heads" if args.arch == "dit"
+             else f"U-Net, {args.block or args.arch} blocks")
+    return (f"ddpm: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({shape}), {args.schedule} "
             f"schedule, T={args.timesteps}, pred={args.pred}"
             + (f", labels (dropped with p={args.p_uncond})" if args.class_cond else "")
             + f" | {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
@@ -1062,6 +1263,8 @@ def sampler_cost(args):
     calls = (args.timesteps if args.sampler == "ddpm" else args.sample_steps or min(50, args.timesteps)) * (2 if guidance else 1)
     if args.sampler == "ddpm":
         return f"ancestral{guidance}, {calls} network calls per sample"
+    if args.sampler == "dpm++2m":
+        return f"DPM-Solver++(2M){guidance}, {calls} network calls per sample"
     return f"DDIM, eta {args.eta:g}{guidance}, {calls} network calls per sample"
 
 

@@ -1,0 +1,149 @@
+"""The levers of the training recipe (issue 31) against independent computations: the learning-rate
+schedule at known steps, the Min-SNR weights at known SNRs, DPM-Solver++(2M) against the exact
+probability-flow ODE of Gaussian data, and the --minutes plan that fixes a run's length."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+
+torch.set_num_threads(2)
+
+
+def lr_args(schedule, lr=1.0, warmup=10):
+    return argparse.Namespace(lr=lr, warmup_steps=warmup, lr_schedule=schedule)
+
+
+def test_the_learning_rate_warms_up_then_follows_a_half_cosine_to_zero():
+    args = lr_args("cosine")  # warm-up over 10 steps, 110 steps in all: the cosine spans steps 10 .. 110
+    assert ddpm.learning_rate(0, 110, args) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert ddpm.learning_rate(4, 110, args) == pytest.approx(0.5)
+    assert ddpm.learning_rate(10, 110, args) == pytest.approx(1.0)  # the peak, progress 0
+    assert ddpm.learning_rate(35, 110, args) == pytest.approx((1 + 2 ** -0.5) / 2)  # progress 1/4: (1 + cos(pi/4)) / 2
+    assert ddpm.learning_rate(60, 110, args) == pytest.approx(0.5)  # half way
+    assert ddpm.learning_rate(85, 110, args) == pytest.approx((1 - 2 ** -0.5) / 2)  # progress 3/4
+    assert 0 < ddpm.learning_rate(109, 110, args) < 3e-4  # the last step: (1 + cos(0.99 pi)) / 2 = 2.5e-4
+    assert ddpm.learning_rate(500, 110, args) == 0.0  # past the end (a run cut short by nothing): zero
+    steps = [ddpm.learning_rate(k, 110, args) for k in range(10, 110)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # decays monotonically after the warm-up
+    constant = lr_args("constant", lr=2e-3)
+    assert ddpm.learning_rate(4, 110, constant) == pytest.approx(1e-3)
+    assert ddpm.learning_rate(109, 110, constant) == ddpm.learning_rate(10_000, 110, constant) == 2e-3
+
+
+def snr_schedule(snrs):
+    """A stand-in schedule whose steps 0, 1, ... have the given signal-to-noise ratios: ab = snr / (1 + snr)."""
+    ab = torch.tensor([s / (1 + s) for s in snrs], dtype=torch.float64).float()
+    return {"alpha_bar": ab}
+
+
+@pytest.mark.parametrize("pred, expected", [
+    ("eps", [1.0, 1.0, 5 / 50]),                   # min(snr, 5) / snr
+    ("x0", [0.5, 5.0, 5.0]),                       # min(snr, 5)
+    ("v", [0.5 / 1.5, 5 / 6, 5 / 51]),             # min(snr, 5) / (snr + 1)
+])
+def test_min_snr_weights_at_known_snrs(pred, expected):
+    sched, t = snr_schedule([0.5, 5.0, 50.0]), torch.arange(3)
+    x0, noise = torch.zeros(3, 1, 2, 2), torch.zeros(3, 1, 2, 2)
+    _, weight = ddpm.training_target_and_weight(sched, x0, noise, t, pred, min_snr_gamma=5.0)
+    assert torch.allclose(weight.flatten(), torch.tensor(expected), rtol=1e-5)
+    _, plain = ddpm.training_target_and_weight(sched, x0, noise, t, pred)  # gamma 0: Ho's eps-loss weights
+    assert torch.allclose(plain.flatten(), torch.tensor({"eps": [1.0] * 3, "x0": [0.5, 5.0, 50.0],
+                                                         "v": [1 / 3, 5 / 6, 50 / 51]}[pred]), rtol=1e-5)
+
+
+def test_the_min_snr_v_loss_is_the_capped_eps_loss_of_the_same_prediction():
+    """The weighted v-MSE of a random prediction equals min(snr, gamma)/snr times the eps-MSE of the
+    eps that prediction implies (eps_hat = sqrt(1 - ab) x_t + sqrt(ab) v_hat): Hang et al.'s weight."""
+    gen = torch.Generator().manual_seed(0)
+    sched, t = snr_schedule([0.2, 3.0, 40.0, 900.0]), torch.arange(4)
+    x0, noise, v_hat = (torch.randn(4, 1, 3, 3, generator=gen) for _ in range(3))
+    ab = sched["alpha_bar"].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    target, weight = ddpm.training_target_and_weight(sched, x0, noise, t, "v", min_snr_gamma=5.0)
+    v_loss = (weight * (v_hat - target) ** 2).flatten(1).mean(1)
+    eps_hat = (1 - ab).sqrt() * x_t + ab.sqrt() * v_hat
+    snr = torch.tensor([0.2, 3.0, 40.0, 900.0])
+    eps_loss = ((eps_hat - noise) ** 2).flatten(1).mean(1) * snr.clamp(max=5.0) / snr
+    assert torch.allclose(v_loss, eps_loss, rtol=1e-4)
+
+
+GAUSS_MU, GAUSS_SD = 0.3, 0.5
+
+
+def gaussian_data(sched):
+    """Data N(mu, sd^2) per pixel: its exact denoiser E[x0 | x_t] (linear in x_t) and the exact
+    probability-flow ODE path through a standard normal z, x_t = alpha mu + sqrt(alpha^2 sd^2 + sigma^2) z
+    (the ODE moves each quantile of the marginal q(x_t) to the same quantile at every t)."""
+    alpha, sigma = sched["sqrt_alpha_bar"], sched["sqrt_one_minus_alpha_bar"]
+
+    def denoiser(x, t):
+        a, s = alpha[t].view(-1, 1, 1, 1), sigma[t].view(-1, 1, 1, 1)
+        return GAUSS_MU + a * GAUSS_SD ** 2 / (a ** 2 * GAUSS_SD ** 2 + s ** 2) * (x - a * GAUSS_MU)
+
+    def path(t, z):
+        return alpha[t] * GAUSS_MU + (alpha[t] ** 2 * GAUSS_SD ** 2 + sigma[t] ** 2).sqrt() * z
+    return denoiser, path
+
+
+def test_dpm_solver_2m_solves_the_probability_flow_ode_to_second_order():
+    """From an exact point of the ODE at t = T-1 to t = 20 with M steps: the error against the
+    closed-form solution falls about 4x per doubling of M (second order), while the first-order
+    step (DDIM, eta = 0, written out here) only halves it, and is several times worse at M = 40."""
+    T, end = 1000, 20
+    sched = ddpm.make_schedule("cosine", T)
+    denoiser, path = gaussian_data(sched)
+    z = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    errors_2m, errors_ddim = [], []
+    for M in (10, 20, 40):
+        grid = [int(v) for v in np.round(np.linspace(T - 1, end, M + 1))]
+        x = ddpm.dpm_solver_2m(denoiser, sched, path(grid[0], z), grid[:-1], "x0", clip=False, end=grid[-1])
+        errors_2m.append((x - path(end, z)).abs().max().item())
+        x = path(grid[0], z)
+        for t, s in zip(grid[:-1], grid[1:]):  # DDIM eta = 0: x_s = alpha_s x0_hat + sigma_s eps_hat
+            x0_hat = denoiser(x, torch.full((256,), t))
+            eps_hat = (x - sched["sqrt_alpha_bar"][t] * x0_hat) / sched["sqrt_one_minus_alpha_bar"][t]
+            x = sched["sqrt_alpha_bar"][s] * x0_hat + sched["sqrt_one_minus_alpha_bar"][s] * eps_hat
+        errors_ddim.append((x - path(end, z)).abs().max().item())
+    assert errors_2m[1] / errors_2m[2] > 3.0, errors_2m        # second order: ~4x
+    assert 1.6 < errors_ddim[1] / errors_ddim[2] < 2.5, errors_ddim  # first order: ~2x
+    assert errors_2m[2] < errors_ddim[2] / 3, (errors_2m, errors_ddim)
+
+
+def test_dpm_solver_2m_as_a_sampler_draws_the_gaussian_it_was_given():
+    """sample(..., "dpm++2m") from pure noise to the data with the exact denoiser: the samples'
+    mean and standard deviation are the data's (the last step, x = x0_hat, shrinks them a little)."""
+    sched = ddpm.make_schedule("cosine", 1000)
+    denoiser, _ = gaussian_data(sched)
+    x = ddpm.sample(denoiser, sched, 20000, "x0", sampler="dpm++2m", steps=25, shape=(1, 1, 1), clip=False,
+                    generator=torch.Generator().manual_seed(1))
+    assert x.mean().item() == pytest.approx(GAUSS_MU, abs=0.02)
+    assert x.std().item() == pytest.approx(GAUSS_SD, rel=0.03)
+
+
+def test_a_minutes_run_is_planned_stops_at_its_plan_and_resumes_exactly(fake_mnist, tmp_path, capsys):
+    """--minutes with the cosine schedule: the length is fixed from the first steps' speed and kept
+    in the checkpoint; the run ends there with the learning rate near 0; a --resume with the same
+    --minutes keeps the plan (nothing left to train), another --minutes plans anew."""
+    out = tmp_path / "run"
+    common = ["--data-dir", str(fake_mnist), "--out-dir", str(out), "--channels", "8", "--channel-mult", "1,2",
+              "--num-blocks", "1", "--no-attention", "--timesteps", "20", "--batch-size", "8", "--epochs", "1000",
+              "--eval-images", "0", "--sample-every", "1000", "--num-samples", "4", "--lr-schedule", "cosine",
+              "--warmup-steps", "5", "--log-every", "1000"]
+    ddpm.main([*common, "--minutes", "0.03"])
+    log = capsys.readouterr().out
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    planned = first["planned_steps"]
+    assert f"so the run is planned as {planned} steps" in log and first["planned_minutes"] == 0.03
+    assert first["step"] == planned > ddpm.TimeBudget.PLAN_AFTER, log
+    assert first["optimizer"]["param_groups"][0]["lr"] < 0.01 * 5e-4  # the last step's rate: near zero
+    assert first["train_seconds"] <= 0.03 * 60 + 1.0
+    ddpm.main([*common, "--minutes", "0.03", "--resume"])
+    again = torch.load(out / "ckpt.pt", weights_only=True)
+    assert again["step"] == planned and "planned as" not in capsys.readouterr().out  # the same plan, kept
+    ddpm.main([*common, "--minutes", "0.06", "--resume"])
+    longer = torch.load(out / "ckpt.pt", weights_only=True)
+    assert longer["planned_minutes"] == 0.06 and longer["step"] == longer["planned_steps"] > planned
