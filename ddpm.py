@@ -110,10 +110,8 @@ def make_parser():
     g.add_argument("--min-snr-gamma", type=number_at_least(float, 0), default=5.0,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain eps-loss weight")
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default="ddim",
-                   help="DDIM, ancestral DDPM (all T steps), or DPM-Solver++(2M)")
-    g.add_argument("--sample-steps", type=positive_int, default=None,
-                   help="DDIM / DPM-Solver++ steps (default 50, or T if fewer)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="DDIM, or ancestral DDPM (all T steps)")
+    g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
     g.add_argument("--eta", type=float, default=None, help="DDIM noise (default 1, as DDPM; 0: deterministic)")
     g.add_argument("--num-samples", type=positive_int, default=64, help="images per grid (--class-cond: a row per class)")
     g.add_argument("--guidance", type=float, default=0.0, help="--class-cond: guidance weight w (0: the conditional model)")
@@ -434,51 +432,6 @@ def ddim_sample(model_fn, sched, shape, parameterization, steps=50, eta=1.0, gen
     return x
 
 
-@torch.no_grad()
-def dpm_solver_sample(model_fn, sched, shape, parameterization, steps=20, generator=None, on_step=None, clip=True):
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): a second-order multistep
-    solver of the probability-flow ODE, written in the data prediction x0_hat.
-
-    With alpha = sqrt(ab), sigma = sqrt(1 - ab) and the half log-SNR lambda = log(alpha / sigma),
-    the ODE's exact solution from level t to the next grid level s (lambda grows as noise falls) is
-
-        x_s = (sigma_s / sigma_t) x_t + alpha_s int_{lambda_t}^{lambda_s} e^{-(lambda_s - l)} x0_hat(l) dl.
-
-    Taking x0_hat constant over the step gives DDIM with eta = 0 (first order):
-        x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) x0_hat_t,   h = lambda_s - lambda_t.
-    2M replaces that constant by a line through this step's and the last step's x0_hat, one
-    network call per step as DDIM, a second-order error:
-        D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,   r = h_prev / h.
-    The grid is DDIM's (ddim_timesteps); the first step has no previous x0_hat (first order), and
-    the last goes to the data (ab = 1, sigma = 0): x = x0_hat, as in ddim_sample."""
-    T, device = sched["betas"].shape[0], sched["betas"].device
-    grid = ddim_timesteps(T, steps)
-    x = torch.randn(shape, device=device, generator=generator)
-    return dpm_solver_2m(model_fn, sched, x, grid, parameterization, clip, on_step)
-
-
-def dpm_solver_2m(model_fn, sched, x, grid, parameterization, clip=True, on_step=None, end=None):
-    """The loop of dpm_solver_sample from x at grid[0] through the grid, then to the level `end`
-    (a timestep below grid[-1]; None: the data itself, where the last step is x = x0_hat)."""
-    alpha, sigma = sched["sqrt_alpha_bar"], sched["sqrt_one_minus_alpha_bar"]
-    lam = torch.log(alpha) - torch.log(sigma)
-    x0_prev = h_prev = None
-    for i, step in enumerate(grid):
-        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        x0_hat, _ = predict_x0_eps(sched, x, t, model_fn(x, t), parameterization, clip)
-        nxt = grid[i + 1] if i + 1 < len(grid) else end
-        if nxt is None:
-            x = x0_hat
-        else:
-            h = lam[nxt] - lam[step]
-            D = x0_hat if x0_prev is None else x0_hat + (x0_hat - x0_prev) * h / (2 * h_prev)  # 1/(2r) = h/(2 h_prev)
-            x = (sigma[nxt] / sigma[step]) * x - alpha[nxt] * torch.expm1(-h) * D
-            x0_prev, h_prev = x0_hat, h
-        if on_step:
-            on_step(x)
-    return x
-
-
 def sample(model_fn, sched, n, parameterization, sampler="ddim", steps=None, eta=1.0, generator=None, on_step=None,
            shape=(1, 28, 28), clip=True):
     """Draw n samples of the given shape (MNIST digits in [-1, 1] unless told) with the chosen
@@ -488,8 +441,6 @@ def sample(model_fn, sched, n, parameterization, sampler="ddim", steps=None, eta
     if sampler == "ddpm":
         return ddpm_sample(model_fn, sched, shape, parameterization, generator, on_step, clip)
     steps = steps or min(50, sched["betas"].shape[0])
-    if sampler == "dpm++2m":
-        return dpm_solver_sample(model_fn, sched, shape, parameterization, steps, generator, on_step, clip)
     return ddim_sample(model_fn, sched, shape, parameterization, steps, eta, generator, on_step, clip)
 
 
@@ -1154,8 +1105,6 @@ def check_sampler(args):
     """--sampler, --sample-steps and --eta together (latent_diffusion.py checks its own with this)."""
     if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
         fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
-    if args.sampler == "dpm++2m" and args.eta is not None:
-        fail("--eta applies to --sampler ddim (DPM-Solver++ solves the deterministic ODE)")
     if args.sample_steps is not None and args.sample_steps > args.timesteps:
         fail(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     args.eta = 1.0 if args.eta is None else args.eta
@@ -1263,8 +1212,6 @@ def sampler_cost(args):
     calls = (args.timesteps if args.sampler == "ddpm" else args.sample_steps or min(50, args.timesteps)) * (2 if guidance else 1)
     if args.sampler == "ddpm":
         return f"ancestral{guidance}, {calls} network calls per sample"
-    if args.sampler == "dpm++2m":
-        return f"DPM-Solver++(2M){guidance}, {calls} network calls per sample"
     return f"DDIM, eta {args.eta:g}{guidance}, {calls} network calls per sample"
 
 

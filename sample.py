@@ -68,10 +68,9 @@ def make_parser():
     g.add_argument("--guidance-sweep", default=None, metavar="W,W,...",
                    help="ddpm: one picture with a block of rows per guidance weight, the same noise in each")
     g = p.add_argument_group("ddpm only (--sampler, --sample-steps, --eta, --raw-weights: latent_diffusion too)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"], default=None,
-                   help="DDIM (default), ancestral DDPM (all T steps), or DPM-Solver++(2M) (ddpm only)")
-    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None,
-                   help="DDIM / DPM-Solver++ steps (default 50, or T if fewer)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="DDIM (default), or ancestral DDPM (all T steps)")
+    g.add_argument("--sample-steps", type=ddpm.positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
     g.add_argument("--eta", type=float, default=None,
                    help="DDIM noise (default 1); 0: deterministic, one noise one digit")
     g.add_argument("--trajectory", action="store_true", help="also write a strip of x_t from noise to digit")
@@ -317,8 +316,7 @@ def main(argv=None):
     n = args.n if labels is None else len(labels)
     how = ""
     if kind in DIFFUSION:
-        how = args.sampler + (f", {args.sample_steps} steps" if args.sampler != "ddpm" else "")
-        how += f", eta {args.eta:g}" if args.sampler == "ddim" else ""
+        how = args.sampler + (f", {args.sample_steps} steps, eta {args.eta:g}" if args.sampler == "ddim" else "")
         how = f" ({how}" + (f", guidance w = {args.guidance:g}" if labels is not None else "") + ")"
     log(f"{kind} checkpoint {args.ckpt} (step {ckpt['step']}) on {device.type}, compile={args.compile}, "
         f"amp={args.amp}: drawing {n} samples{how}" + ("" if labels is None else f" of the digits {sorted(set(labels.tolist()))}"))
@@ -390,8 +388,6 @@ def check_flags(args, ckpt):
         args.sampler = args.sampler or "ddim"
         if args.sampler == "ddpm" and (args.sample_steps is not None or args.eta is not None):
             fail("--sample-steps and --eta apply to --sampler ddim (ancestral sampling uses all T steps)")
-        if args.sampler == "dpm++2m" and (args.eta is not None or kind != "ddpm"):
-            fail("--sampler dpm++2m draws from ddpm checkpoints, without --eta (it solves the deterministic ODE)")
         if args.sample_steps is not None and args.sample_steps > T:
             fail(f"--sample-steps {args.sample_steps} is more than the model's T = {T}")
         args.sample_steps = None if args.sampler == "ddpm" else args.sample_steps or min(50, T)
