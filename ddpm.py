@@ -107,7 +107,7 @@ def make_parser():
     g.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     g.add_argument("--pred", choices=["eps", "x0", "v"], default="v", help="what the network predicts")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
-    g.add_argument("--min-snr-gamma", type=number_at_least(float, 0), default=5.0,
+    g.add_argument("--min-snr-gamma", type=number_at_least(float, 0), default=0.0,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain eps-loss weight")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="DDIM, or ancestral DDPM (all T steps)")
