@@ -67,6 +67,18 @@ def make_fake_mnist(root, n_train=256, n_test=64, seed=0):
     return root
 
 
+def run_in_process(main, argv, capsys):
+    """A script's main(argv) called in this process, as the command line would run it, without a new
+    interpreter: (exit code, stdout, stderr). Bad input exits through SystemExit with its code."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(autouse=True)
 def each_script_names_itself():
     """sample.py, bench.py and latent_diffusion.py name themselves in the error lines of the

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import discrete_diffusion as dd
+from conftest import run_in_process
 
 TRANSITIONS = [("uniform", 3), ("absorbing", 3), ("gaussian", 4)]
 
@@ -247,14 +248,7 @@ def load(path):
 
 
 def run_main(capsys, data, out, *args):
-    argv = ["--data-dir", str(data), "--out-dir", str(out), *TINY, *map(str, args)]
-    try:
-        dd.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_in_process(dd.main, ["--data-dir", data, "--out-dir", out, *TINY, *args], capsys)
 
 
 def test_cli_trains_writes_and_reports(run_script, fake_mnist, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _stroke_digit
+from conftest import _stroke_digit, run_in_process
 from unet import DiT, DiTBlock, LabelEmbedding, UNet, patchify, sincos_position_embedding, unpatchify
 
 torch.set_num_threads(2)
@@ -228,14 +228,7 @@ DIT_TINY = ["--arch", "dit", "--patch-size", "4", "--width", "32", "--depth", "2
 
 
 def run_main(module, argv, capsys):
-    """module.main(argv) in this process: (exit code, stdout, stderr)."""
-    try:
-        module.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_in_process(module.main, argv, capsys)
 
 
 def test_ddpm_trains_resumes_evaluates_and_samples_a_class_conditional_dit(fake_mnist, tmp_path, capsys):

@@ -7,17 +7,12 @@ import torch
 from PIL import Image
 
 import sample
+from conftest import run_in_process
 
 
 def run(capsys, *argv):
     """sample.main in this process: (exit code, stdout, stderr)."""
-    try:
-        sample.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_in_process(sample.main, argv, capsys)
 
 
 def grid_size(n, nrow, pad=2):

@@ -9,7 +9,7 @@ import ddpm
 import sample
 import vae
 
-from conftest import TINY_DDPM, TINY_VAE
+from conftest import TINY_DDPM, TINY_VAE, run_in_process
 
 
 def point_mass_eps(sched, x_star):
@@ -56,13 +56,7 @@ def conditional_checkpoints(fake_mnist, tmp_path_factory):
 
 
 def run(capsys, *argv):
-    try:
-        sample.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_in_process(sample.main, argv, capsys)
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "vae"])
