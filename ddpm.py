@@ -1014,8 +1014,9 @@ class TimeBudget:
     not), plus what the earlier runs of a --resume chain spent. A schedule that ends at the run's
     end (--lr-schedule cosine) needs that end as a step, so after PLAN_AFTER steps the speed they
     took fixes it: the steps that fit the time left, less 5% for the grids and checkpoints still
-    to come and the machine's own variation (a few percent from minute to minute on 2 CPU cores). The plan goes into the checkpoint: a --resume with the same --minutes keeps it (and
-    so stays exact); another --minutes plans anew. The clock still ends a run that falls behind."""
+    to come and the machine's own variation (a few percent from minute to minute on 2 CPU cores).
+    The plan goes into the checkpoint: a --resume with the same --minutes keeps it (and so stays
+    exact); another --minutes plans anew. The clock still ends a run that falls behind."""
     PLAN_AFTER, SKIP = 50, 5  # steps timed (the first SKIP left out: warm-up, the CUDA graph's recording)
 
     def __init__(self, minutes, ckpt, world, device):
