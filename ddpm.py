@@ -1018,13 +1018,14 @@ class TimeBudget:
     The plan goes into the checkpoint: a --resume with the same --minutes keeps it (and so stays
     exact); another --minutes plans anew. The clock still ends a run that falls behind."""
     PLAN_AFTER, SKIP = 50, 5  # steps timed (the first SKIP left out: warm-up, the CUDA graph's recording)
+    clock = staticmethod(time.perf_counter)  # seconds; a test swaps in a clock of its own
 
     def __init__(self, minutes, ckpt, world, device):
         self.minutes, self.world, self.device = minutes, world, device
         ckpt = ckpt or {}
         self.before = ckpt.get("train_seconds", 0.0)
         self.plan = ckpt.get("planned_steps") if minutes and ckpt.get("planned_minutes") == minutes else None
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
 
     def planned(self, total_steps):
         return min(total_steps, self.plan) if self.plan else total_steps
@@ -1033,7 +1034,7 @@ class TimeBudget:
         self.first_step, self.t_timed = step, None
 
     def seconds(self):
-        return self.before + time.perf_counter() - self.t0
+        return self.before + self.clock() - self.t0
 
     def seconds_left(self):
         return 60 * self.minutes - self.seconds()
@@ -1046,9 +1047,9 @@ class TimeBudget:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the steps queued so far, done
             if step - self.first_step == self.SKIP:
-                self.t_timed = time.perf_counter()
+                self.t_timed = self.clock()
             else:
-                per_step = (time.perf_counter() - self.t_timed) / (self.PLAN_AFTER - self.SKIP)
+                per_step = (self.clock() - self.t_timed) / (self.PLAN_AFTER - self.SKIP)
                 self.plan = same_on_every_rank(step + int(0.95 * self.seconds_left() / per_step), self.world, self.device)
                 log(f"--minutes {self.minutes:g}: {1000 * per_step:.0f} ms a step, so the run is planned as "
                     f"{min(self.plan, total_steps)} steps")
