@@ -140,7 +140,7 @@ def ddpm_parts(m, config, device, compile_samplers=False, bf16_weights=False):
         return train_step(images, labels, decay)[0]
 
     def draw(n, sampler, steps=None):
-        model_fn = (m.for_labels(ema_fn, torch.arange(n, device=device) % 10, config.guidance) if config.class_cond
+        model_fn = (m.for_labels(ema_fn, torch.arange(n, device=device) % 10, config.guidance, ema.null_label) if config.class_cond
                     else ema_fn)
         return m.sample(model_fn, sched, n, config.pred, sampler, steps, config.eta)
 

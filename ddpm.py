@@ -584,7 +584,7 @@ def make_train_step(model_fn, net, ema, opt, sched, args):
 
     def train_step(images, labels, decay):
         x0 = to_model_range(images)
-        fn = with_labels(model_fn, drop_labels(labels, args.p_uncond)) if args.class_cond else model_fn
+        fn = with_labels(model_fn, drop_labels(labels, args.p_uncond, net.null_label)) if args.class_cond else model_fn
         loss, t = diffusion_loss(fn, sched, x0, args.pred, min_snr_gamma=args.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
@@ -655,7 +655,8 @@ def train(args):
                 epoch, done = divmod(step, steps_per_epoch)
                 if rank == 0 and ((done == 0 and epoch % args.sample_every == 0) or step >= total_steps):
                     name = f"samples_epoch_{epoch:03d}" if done == 0 else f"samples_step_{step:06d}"  # a mid-epoch stop
-                    sample_speed = save_grid(ema_fn, sched, args, device, os.path.join(args.out_dir, name + ".png"))
+                    sample_speed = save_grid(ema_fn, sched, args, device, os.path.join(args.out_dir, name + ".png"),
+                                             ema.null_label)
                 save()
     except KeyboardInterrupt:
         save()
@@ -663,7 +664,7 @@ def train(args):
         sys.exit(130)
     if rank == 0:
         finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, time.perf_counter() - t_start,
-               budget.seconds(), sample_speed, sum(p.numel() for p in net.parameters()))
+               budget.seconds(), sample_speed, net)
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -729,14 +730,14 @@ def main(argv=None):
 # probability p_uncond, so one network learns both p(x | y) and p(x) (Ho & Salimans 2022,
 # Algorithm 1; they found p_uncond = 0.1 and 0.2 about equal, 0.5 worse). The loss, the
 # samplers and the bound stay as they are: they call a model_fn(x_t, t) with the labels bound.
+# The "no label" index is the network's (`net.null_label`, 10 after the digits 0..9 in both
+# of unet.py's networks), passed in as null_label.
 
-NO_LABEL = 10  # unet.py's extra label index, 0..9 being the digits: the unconditional model
 
-
-def drop_labels(y, p_uncond, generator=None):
-    """Each label replaced by NO_LABEL with probability p_uncond (training only)."""
+def drop_labels(y, p_uncond, null_label, generator=None):
+    """Each label replaced by null_label with probability p_uncond (training only)."""
     drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
-    return torch.where(drop, torch.full_like(y, NO_LABEL), y)
+    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def with_labels(model_fn, y):
@@ -744,7 +745,7 @@ def with_labels(model_fn, y):
     return lambda x_t, t: model_fn(x_t, t, y)
 
 
-def guided(model_fn, y, w):
+def guided(model_fn, y, w, null_label):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), as a model_fn(x_t, t):
 
         eps~(x_t, t, y) = (1 + w) eps(x_t, t, y) - w eps(x_t, t, none)
@@ -758,7 +759,7 @@ def guided(model_fn, y, w):
     in the output with coefficients that depend on (x_t, t) only, and the weights 1 + w and
     -w sum to 1, so combining outputs and then converting equals converting and then
     combining. Guiding v or x0 is guiding eps (DDIM's x0 clipping comes after, on the result)."""
-    none = torch.full_like(y, NO_LABEL)
+    none = torch.full_like(y, null_label)
 
     def model_fn_guided(x_t, t):
         cond, uncond = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, none])).chunk(2)
@@ -766,9 +767,9 @@ def guided(model_fn, y, w):
     return model_fn_guided
 
 
-def for_labels(model_fn, y, w):
+def for_labels(model_fn, y, w, null_label):
     """What the samplers call to draw digits of the classes y: guided, or conditional at w = 0."""
-    return guided(model_fn, y, w) if w else with_labels(model_fn, y)
+    return guided(model_fn, y, w, null_label) if w else with_labels(model_fn, y)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1132,29 +1133,30 @@ def eval_only(args):
     ema.load_state_dict(ckpt["ema"])
     log(f"evaluating {ckpt_path} (step {ckpt['step']}, EMA weights)")
     ema_fn, sched = make_model_fn(ema, device, args.amp), make_schedule(args.schedule, args.timesteps, device)
-    speed = save_grid(ema_fn, sched, args, device, os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png"))
+    speed = save_grid(ema_fn, sched, args, device, os.path.join(args.out_dir, f"eval_samples_{args.sampler}.png"),
+                      ema.null_label)
     test = load_mnist(args.data_dir, train=False, device=device)
-    report(args, device, ema_fn, sched, test, "eval.json", checkpoint=ckpt_path, step=ckpt["step"], sample_images_per_sec=speed)
+    report(args, device, ema_fn, sched, test, "eval.json", ema.null_label, checkpoint=ckpt_path, step=ckpt["step"], sample_images_per_sec=speed)
 
 
-def report(args, device, ema_fn, sched, test, name, **metrics):
+def report(args, device, ema_fn, sched, test, name, null_label, **metrics):
     """Held-out metrics of the EMA weights on test (images, labels), and --score-samples, written
     to out-dir/name with the run's own figures (metrics)."""
     metrics.update(evaluate(ema_fn, sched, *test, args, device), device=describe(device))
     if args.score_samples:
-        metrics["score"] = score_run(ema_fn, sched, args, device, metrics["sample_images_per_sec"])
+        metrics["score"] = score_run(ema_fn, sched, args, device, null_label, metrics["sample_images_per_sec"])
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     write_json(metrics, os.path.join(args.out_dir, name))
     return metrics
 
 
-def finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, wall, train_seconds, sample_speed, n_params):
+def finish(args, device, ema_fn, sched, test, meter, step, steps_per_epoch, wall, train_seconds, sample_speed, net):
     """The end of a run: metrics.json and a summary line."""
     images_per_sec = meter.images_per_sec(step * args.batch_size, wall)
-    m = report(args, device, ema_fn, sched, test, "metrics.json", config=vars(args), step=step,
+    m = report(args, device, ema_fn, sched, test, "metrics.json", net.null_label, config=vars(args), step=step,
                epochs_done=step / steps_per_epoch, train_seconds=train_seconds, train_loss=meter.last.get("loss", math.nan),
                train_images_per_sec=images_per_sec, sample_images_per_sec=sample_speed, wall_time_s=wall,
-               parameters=n_params)
+               parameters=sum(p.numel() for p in net.parameters()))
     log(f"done: {step} steps in {wall / 60:.1f} min | train loss {m['train_loss']:.4f} | test loss {m['test_loss']:.4f}"
         + (f" | test bound {m['test_bpd']:.3f} bits/dim" if "test_bpd" in m else "")
         + (f" (label dropped: {m['test_bpd_uncond']:.3f})" if "test_bpd_uncond" in m else "")
@@ -1183,15 +1185,15 @@ def log_extras(args, mfu, seconds_left):
                                     + ([f"{max(0.0, seconds_left()) / 60:.1f} min left of --minutes"] if args.minutes else []))
 
 
-def draw(model_fn, sched, n, args, generator, labels=None):
+def draw(model_fn, sched, n, args, generator, labels=None, null_label=None):
     """n digits in [0, 1] with the run's sampler; with labels (n classes), of those classes."""
     if labels is not None:
-        model_fn = for_labels(model_fn, labels, args.guidance)
+        model_fn = for_labels(model_fn, labels, args.guidance, null_label)
     x = sample(model_fn, sched, n, args.pred, args.sampler, args.sample_steps, args.eta, generator)
     return (x + 1) / 2
 
 
-def save_grid(model_fn, sched, args, device, path):
+def save_grid(model_fn, sched, args, device, path, null_label=None):
     """Sample a grid with a fixed generator (the same noise every epoch, so grids compare),
     write it, and return the sampling speed in images/s. --class-cond: one row per class 0..9
     of num_samples // 10 samples each, guided with --guidance."""
@@ -1201,7 +1203,7 @@ def save_grid(model_fn, sched, args, device, path):
         nrow = max(1, args.num_samples // 10)
         n, labels = 10 * nrow, torch.arange(10, device=device).repeat_interleave(nrow)
     t0 = time.perf_counter()
-    x = draw(model_fn, sched, n, args, gen, labels).cpu()
+    x = draw(model_fn, sched, n, args, gen, labels, null_label).cpu()
     speed = n / (time.perf_counter() - t0)  # .cpu() waited for the device: the time is real
     save_image(x, path, nrow=nrow)
     log(f"wrote {path} ({args.sampler}, {n / speed:.1f}s)")
@@ -1217,14 +1219,14 @@ def sampler_cost(args):
     return f"DDIM, eta {args.eta:g}{guidance}, {calls} network calls per sample"
 
 
-def score_run(ema_fn, sched, args, device, sample_speed=None):
+def score_run(ema_fn, sched, args, device, null_label=None, sample_speed=None):
     """--score-samples N: N samples from the EMA weights with the grids' sampler, scored by score.py
     (--class-cond: the same number of each class, and the classifier's accuracy on them)."""
     import score
     cost = sampler_cost(args) + (f"; about {args.score_samples / sample_speed / 60:.1f} min at the grids' speed"
                                  if sample_speed else "")
     labels = torch.arange(args.score_samples) % 10 if args.class_cond else None
-    return score.draw_and_score(lambda n, gen, y=None: draw(ema_fn, sched, n, args, gen, None if y is None else y.to(device)),
+    return score.draw_and_score(lambda n, gen, y=None: draw(ema_fn, sched, n, args, gen, None if y is None else y.to(device), null_label),
                                 args.score_samples, device, cost, args.classifier, args.data_dir, args.seed, labels)
 
 

@@ -85,7 +85,8 @@ def make_parser():
                    help="test digits for the bound (T network calls each; 0 skips it)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["resnet", "shuffle"], default="resnet", help="U-Net block type")
+    g.add_argument("--block", choices=["resnet", "shuffle"], default="resnet",
+                   help="U-Net block type (ddpm.py's name; until 2026-12-07 this flag was --arch)")
     g.add_argument("--channels", type=positive_int, default=32, help="width of the first U-Net level")
     g.add_argument("--channel-mult", default="1,2,2", help="width multiplier per level (28 -> 14 -> 7)")
     g.add_argument("--num-blocks", type=positive_int, default=2, help="residual blocks per level")
@@ -116,7 +117,7 @@ def make_parser():
 
 
 # The flags that define a trained model: a resumed or evaluated run takes them from its checkpoint.
-MODEL_KEYS = ("arch", "channels", "channel_mult", "num_blocks", "attention", "dropout", "levels", "transition",
+MODEL_KEYS = ("block", "channels", "channel_mult", "num_blocks", "attention", "dropout", "levels", "transition",
               "timesteps")
 
 
@@ -171,7 +172,7 @@ def build_model(config):
     return UNet(in_channels=num_states(config["levels"], config["transition"]), out_channels=config["levels"],
                 channels=config["channels"], channel_mult=parse_channel_mult(config["channel_mult"]),
                 num_blocks=config["num_blocks"], attention=config["attention"], dropout=config["dropout"],
-                block=config["arch"], num_classes=None)
+                block=config.get("block") or config["arch"], num_classes=None)  # "arch": a checkpoint before 2026-12-07
 
 
 def x0_log_probs(model_fn, x_t, t, states):
@@ -685,7 +686,7 @@ def check_sample_steps(args):
 def run_description(args, net, n_train, steps_per_epoch, total_steps, device):
     """The first log line: the model, the data and the run length, the hardware."""
     data = "binarized digits" if args.levels == 2 else f"{args.levels} grey levels"
-    return (f"discrete_diffusion: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({args.arch}), "
+    return (f"discrete_diffusion: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters ({args.block}), "
             f"{args.transition} transitions, K={args.levels} ({data}), T={args.timesteps}, "
             f"lambda={args.hybrid_coeff:g} "
             f"| {n_train} train images, batch {args.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps "

@@ -133,7 +133,7 @@ def ddpm_drawer(ckpt, net, args, device, gen):
     model_fn = ddpm.make_model_fn(net, device, args.amp, args.compile)
 
     def draw(b, y=None, on_step=None, w=None):  # on_step(x) after every sampler step, x in [-1, 1]
-        fn = model_fn if y is None else ddpm.for_labels(model_fn, y, args.guidance if w is None else w)
+        fn = model_fn if y is None else ddpm.for_labels(model_fn, y, args.guidance if w is None else w, net.null_label)
         x = ddpm.sample(fn, sched, b, config["pred"], args.sampler, args.sample_steps, args.eta,
                         generator=gen, on_step=on_step)
         return (x + 1) / 2
@@ -245,7 +245,7 @@ def write_inpainting(net, config, args, device, gen, path):
     if config["class_cond"]:  # fill as the digit's own class, or as --class
         y = torch.tensor(args.classes).repeat(n)[:n] if args.classes else true_labels[:n].cpu()
         y = y.repeat_interleave(k).to(device)
-        model_fn = ddpm.for_labels(model_fn, y, args.guidance)
+        model_fn = ddpm.for_labels(model_fn, y, args.guidance, net.null_label)
     sched = ddpm.make_schedule(config["schedule"], config["timesteps"], device)
     t0 = time.perf_counter()
     filled = ddpm.inpaint(model_fn, sched, x0, known, config["pred"], args.resample or 1, gen)

@@ -220,3 +220,15 @@ def test_bf16_weights_compute_what_autocast_computes():
     assert all(g.dtype == torch.float32 for g in grads_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert casts_a - casts_b == 2 * len(bench.BF16Weights(net).names), (casts_a, casts_b)  # forward and backward
+
+
+def test_ddpm_figures_of_the_dit():
+    """--arch dit goes through bench.py as the U-Net does: its parameters, and a FLOP count that
+    grows with the depth by exactly one block's cost (the same block each time)."""
+    dit = ["--arch", "dit", "--patch-size", "4", "--width", "32", "--heads", "2", "--timesteps", "10",
+           "--batch-size", "4", "--device", "cpu"]
+    results = [bench.main([*FAST, *dit, "--depth", str(depth)]) for depth in (1, 2, 3)]
+    net = ddpm.build_model(vars(ddpm.parse_args(["--data-dir", "x", *dit, "--depth", "1"])))
+    assert results[0]["parameters"] == sum(p.numel() for p in net.parameters())
+    flops = [r["train_flops_per_image"] for r in results]
+    assert flops[0] > 0 and flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=1e-9)

@@ -33,15 +33,15 @@ def inputs(b=6, seed=1):
 def test_guidance_against_two_separate_calls():
     net = tiny_net()
     x, t, y = inputs()
-    cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, ddpm.NO_LABEL))
+    cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, net.null_label))
     assert (cond - uncond).abs().max() > 1e-3  # the label matters to this network
     for w in (0.5, 1.0, 3.0):
         expected = (1 + w) * cond - w * uncond  # Ho & Salimans eq. 6, from two separate calls
-        torch.testing.assert_close(ddpm.guided(net, y, w)(x, t), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ddpm.guided(net, y, w, net.null_label)(x, t), expected, atol=1e-5, rtol=1e-5)
     # w = 0: p(x | y), w = -1: p(x), up to the round-off of one batched call against two
-    torch.testing.assert_close(ddpm.guided(net, y, 0.0)(x, t), cond, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ddpm.guided(net, y, -1.0)(x, t), uncond, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ddpm.for_labels(net, y, 0.0)(x, t), cond, atol=0, rtol=0)
+    torch.testing.assert_close(ddpm.guided(net, y, 0.0, net.null_label)(x, t), cond, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ddpm.guided(net, y, -1.0, net.null_label)(x, t), uncond, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ddpm.for_labels(net, y, 0.0, net.null_label)(x, t), cond, atol=0, rtol=0)
 
 
 @torch.no_grad()
@@ -52,8 +52,8 @@ def test_guided_batch_is_one_doubled_call():
         calls.append((x.shape[0], y.tolist()))
         return net(x, t, y)
     x, t, y = inputs(b=4)
-    ddpm.guided(counting, y, 2.0)(x, t)
-    assert calls == [(8, y.tolist() + [ddpm.NO_LABEL] * 4)]
+    ddpm.guided(counting, y, 2.0, net.null_label)(x, t)
+    assert net.null_label == 10 and calls == [(8, y.tolist() + [10] * 4)]  # after the digits 0..9
 
 
 @torch.no_grad()
@@ -62,23 +62,23 @@ def test_no_label_means_the_unconditional_model():
     and a call without labels is that same model."""
     net = tiny_net()
     x, t, _ = inputs(b=3)
-    none = torch.full((3,), ddpm.NO_LABEL)
+    none = torch.full((3,), net.null_label)
     torch.testing.assert_close(net(x, t, none), net(x, t), atol=0, rtol=0)
-    dropped = ddpm.drop_labels(torch.tensor([0, 5, 9]), p_uncond=1.0)
+    dropped = ddpm.drop_labels(torch.tensor([0, 5, 9]), 1.0, net.null_label)
     torch.testing.assert_close(net(x, t, dropped), net(x, t), atol=0, rtol=0)
 
 
 def test_drop_rate_and_no_drop_at_sampling():
     y = torch.randint(0, 10, (200_000,), generator=torch.Generator().manual_seed(0))
     for p in (0.1, 0.2):
-        dropped = ddpm.drop_labels(y, p, generator=torch.Generator().manual_seed(1))
-        rate = (dropped == ddpm.NO_LABEL).float().mean().item()
+        dropped = ddpm.drop_labels(y, p, 10, generator=torch.Generator().manual_seed(1))
+        rate = (dropped == 10).float().mean().item()
         assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / len(y)), rate
-        kept = dropped != ddpm.NO_LABEL
+        kept = dropped != 10
         assert torch.equal(dropped[kept], y[kept])  # a label is dropped or left alone, never changed
-    assert torch.equal(ddpm.drop_labels(y, 0.0), y)
+    assert torch.equal(ddpm.drop_labels(y, 0.0, 10), y)
     seen = []  # sampling: every call gets the labels asked for
-    fn = ddpm.for_labels(lambda x, t, yy: seen.append(yy.clone()) or torch.zeros_like(x), torch.arange(5), 0.0)
+    fn = ddpm.for_labels(lambda x, t, yy: seen.append(yy.clone()) or torch.zeros_like(x), torch.arange(5), 0.0, 10)
     ddpm.sample(fn, ddpm.make_schedule("linear", 10), 5, "eps", "ddim", steps=3)
     assert len(seen) == 3 and all(torch.equal(s, torch.arange(5)) for s in seen)
 
@@ -91,8 +91,8 @@ def test_guiding_any_parameterisation_is_guiding_eps(parameterization):
     x, t, y = inputs()
     w = 2.5
     eps_of = lambda out: ddpm.predict_x0_eps(sched, x, t, out, parameterization)[1]  # noqa: E731
-    guided_then_converted = eps_of(ddpm.guided(net, y, w)(x, t))
-    converted_then_guided = (1 + w) * eps_of(net(x, t, y)) - w * eps_of(net(x, t, torch.full_like(y, ddpm.NO_LABEL)))
+    guided_then_converted = eps_of(ddpm.guided(net, y, w, net.null_label)(x, t))
+    converted_then_guided = (1 + w) * eps_of(net(x, t, y)) - w * eps_of(net(x, t, torch.full_like(y, net.null_label)))
     torch.testing.assert_close(guided_then_converted, converted_then_guided, atol=1e-4, rtol=1e-4)
 
 

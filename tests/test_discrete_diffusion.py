@@ -325,3 +325,15 @@ def test_bad_input_is_one_line(capsys, tmp_path, args, needle):
 def test_eval_only_without_checkpoint_is_one_line(capsys, tmp_path):
     code, out, err = run_main(capsys, tmp_path / "data", tmp_path / "nothing", "--eval-only")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no checkpoint" in err
+
+
+def test_block_flag_and_a_checkpoint_that_named_it_arch():
+    """--block names the U-Net's block, as in ddpm.py; a checkpoint from before the rename kept it
+    under "arch" and still builds the same network."""
+    config = vars(dd.parse_args(["--block", "shuffle", "--channels", "8", "--channel-mult", "1,2",
+                                                 "--num-blocks", "1", "--no-attention"]))
+    old = {k: v for k, v in config.items() if k != "block"} | {"arch": "shuffle"}
+    shapes = lambda net: {k: v.shape for k, v in net.state_dict().items()}
+    assert shapes(dd.build_model(old)) == shapes(dd.build_model(config))
+    resnet = dd.build_model(config | {"block": "resnet"})
+    assert shapes(resnet) != shapes(dd.build_model(config))

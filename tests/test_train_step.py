@@ -28,7 +28,7 @@ def plain_loop(net, ema, sched, images, labels, steps):
         torch.manual_seed(step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        y = ddpm.drop_labels(labels[step], CONFIG["p_uncond"])
+        y = ddpm.drop_labels(labels[step], CONFIG["p_uncond"], net.null_label)
         loss, _ = ddpm.diffusion_loss(lambda x, t: net(x, t, y), sched, images[step].unsqueeze(1) / 127.5 - 1, "v")
         opt.zero_grad()
         loss.mean().backward()
