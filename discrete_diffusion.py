@@ -167,12 +167,17 @@ def parse_channel_mult(text):
     return mult
 
 
+def block_of(config):
+    """The U-Net's block of a config; a checkpoint from before 2026-12-07 named it "arch"."""
+    return config.get("block") or config["arch"]
+
+
 def build_model(config):
     """The U-Net described by a config dict (the argparse namespace, or a checkpoint's)."""
     return UNet(in_channels=num_states(config["levels"], config["transition"]), out_channels=config["levels"],
                 channels=config["channels"], channel_mult=parse_channel_mult(config["channel_mult"]),
                 num_blocks=config["num_blocks"], attention=config["attention"], dropout=config["dropout"],
-                block=config.get("block") or config["arch"], num_classes=None)  # "arch": a checkpoint before 2026-12-07
+                block=block_of(config), num_classes=None)
 
 
 def x0_log_probs(model_fn, x_t, t, states):
@@ -465,6 +470,7 @@ def train(args):
     device = setup(args)
     ckpt = start_or_resume(args, "discrete_diffusion", MODEL_KEYS + ("seed", "batch_size", "lr", "warmup_steps",
                                                                      "grad_clip", "ema_decay", "hybrid_coeff"))
+    args.block = block_of(ckpt["config"]) if ckpt else args.block
     check_sample_steps(args)  # --resume: T is the checkpoint's
     torch.manual_seed(args.seed)
     train_x, _ = load_mnist(args.data_dir, train=True, device=device)
@@ -569,7 +575,8 @@ def eval_only(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "discrete_diffusion")
     for key in MODEL_KEYS + ("seed", "hybrid_coeff"):
-        setattr(args, key, ckpt["config"][key])
+        setattr(args, key, ckpt["config"].get(key))
+    args.block = block_of(ckpt["config"])
     check_sample_steps(args)
     sched = make_schedule(args.transition, args.levels, args.timesteps, device)
     ema = build_model(ckpt["config"]).to(device).eval()

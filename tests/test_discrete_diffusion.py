@@ -337,3 +337,18 @@ def test_block_flag_and_a_checkpoint_that_named_it_arch():
     assert shapes(dd.build_model(old)) == shapes(dd.build_model(config))
     resnet = dd.build_model(config | {"block": "resnet"})
     assert shapes(resnet) != shapes(dd.build_model(config))
+
+
+def test_a_checkpoint_that_named_the_block_arch_resumes_and_evaluates(capsys, fake_mnist, tmp_path):
+    """A run from before --arch became --block: its config has "arch"; --resume and --eval-only
+    take the block from there (a shuffle model would not load into resnet blocks)."""
+    out = tmp_path / "old"
+    common = ("--eval-images", "0", "--block", "shuffle")
+    assert run_main(capsys, fake_mnist, out, "--max-steps", "2", *common)[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["arch"] = ckpt["config"].pop("block")
+    torch.save(ckpt, out / "ckpt.pt")
+    code, _, err = run_main(capsys, fake_mnist, out, "--max-steps", "3", "--resume", "--eval-images", "0")
+    assert code == 0, err  # the command line's --block is resnet (the default): the checkpoint's shuffle wins
+    code, _, err = run_main(capsys, fake_mnist, out, "--eval-only", "--eval-images", "2", "--sample-steps", "2")
+    assert code == 0 and json.load(open(out / "eval.json"))["test_bpd_images"] == 2, err
