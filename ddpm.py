@@ -647,7 +647,7 @@ def train(args):
                 meter.add("loss", loss)
                 meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)
                 # the time budget (--minutes): the run's length fixed after its first steps; when spent, the end
-                total_steps = meter.total = budget.update(step, total_steps)
+                total_steps = meter.total = budget.update(step)
                 meter.tick(step)
                 if step >= total_steps:
                     break
@@ -1015,9 +1015,12 @@ class TimeBudget:
     not), plus what the earlier runs of a --resume chain spent. A schedule that ends at the run's
     end (--lr-schedule cosine) needs that end as a step, so after PLAN_AFTER steps the speed they
     took fixes it: the steps that fit the time left, less 5% for the grids and checkpoints still
-    to come and the machine's own variation (a few percent from minute to minute on 2 CPU cores).
-    The plan goes into the checkpoint: a --resume with the same --minutes keeps it (and so stays
-    exact); another --minutes plans anew. The clock still ends a run that falls behind."""
+    to come and the machine's own variation. Halfway from there to the planned end the plan is
+    revised once from the speed of the steps since the plan, since the first steps can run faster or
+    slower than the rest (on 2 CPU cores by 5-10%: a run that stops 7% short, or whose clock runs
+    out before its learning rate reaches 0). The plan goes into the checkpoint: a --resume with the
+    same --minutes keeps it and its revision (exact once revised); another --minutes plans anew.
+    The clock still ends a run that falls behind."""
     PLAN_AFTER, SKIP = 50, 5  # steps timed (the first SKIP left out: warm-up, the CUDA graph's recording)
     clock = staticmethod(time.perf_counter)  # seconds; a test swaps in a clock of its own
 
@@ -1025,14 +1028,18 @@ class TimeBudget:
         self.minutes, self.world, self.device = minutes, world, device
         ckpt = ckpt or {}
         self.before = ckpt.get("train_seconds", 0.0)
-        self.plan = ckpt.get("planned_steps") if minutes and ckpt.get("planned_minutes") == minutes else None
+        same_plan = minutes and ckpt.get("planned_minutes") == minutes
+        self.plan = ckpt.get("planned_steps") if same_plan else None
+        self.revise_at = ckpt.get("revise_plan_at") if same_plan else None  # a step; None: no revision to come
         self.t0 = self.clock()
 
     def planned(self, total_steps):
+        """The run's length: total_steps (of --epochs or --max-steps), or the plan if shorter."""
+        self.limit = total_steps  # what a revised plan may extend up to
         return min(total_steps, self.plan) if self.plan else total_steps
 
     def start(self, step):
-        self.first_step, self.t_timed = step, None
+        self.first_step, self.timed_from = step, None  # (step, clock) where the speed's timing starts
 
     def seconds(self):
         return self.before + self.clock() - self.t0
@@ -1040,20 +1047,36 @@ class TimeBudget:
     def seconds_left(self):
         return 60 * self.minutes - self.seconds()
 
-    def update(self, step, total_steps):
-        """The run's total steps after `step` steps: planned once, cut short if the time is spent."""
+    def steps_that_fit(self, step):
+        """step + the steps that fit 95% of the time left at the speed since timed_from; the timing
+        then starts again here."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the steps queued so far, done
+        (from_step, from_time), now = self.timed_from, self.clock()
+        per_step = (now - from_time) / (step - from_step)
+        self.timed_from = step, now
+        plan = same_on_every_rank(step + int(0.95 * self.seconds_left() / per_step), self.world, self.device)
+        return plan, f"{1000 * per_step:.0f} ms a step"
+
+    def update(self, step):
+        """The run's total steps after `step` steps: planned, revised once, cut short if the time is spent."""
+        total_steps = self.limit
         if not self.minutes:
             return total_steps
-        if self.plan is None and step - self.first_step in (self.SKIP, self.PLAN_AFTER):
+        timed = step - self.first_step
+        if timed == self.SKIP:
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the steps queued so far, done
-            if step - self.first_step == self.SKIP:
-                self.t_timed = self.clock()
-            else:
-                per_step = (self.clock() - self.t_timed) / (self.PLAN_AFTER - self.SKIP)
-                self.plan = same_on_every_rank(step + int(0.95 * self.seconds_left() / per_step), self.world, self.device)
-                log(f"--minutes {self.minutes:g}: {1000 * per_step:.0f} ms a step, so the run is planned as "
-                    f"{min(self.plan, total_steps)} steps")
+                torch.cuda.synchronize(self.device)
+            self.timed_from = step, self.clock()
+        if self.plan is None and timed == self.PLAN_AFTER:
+            self.plan, speed = self.steps_that_fit(step)
+            self.revise_at = (step + self.plan) // 2  # the same step on every rank
+            log(f"--minutes {self.minutes:g}: {speed}, so the run is planned as {min(self.plan, total_steps)} steps")
+        elif step == self.revise_at and timed >= self.PLAN_AFTER:  # (a resumed process needs its own timing)
+            self.plan, speed = self.steps_that_fit(step)
+            log(f"--minutes {self.minutes:g}: {speed} since, so the plan is revised to {min(self.plan, total_steps)} steps")
+        if self.revise_at is not None and step >= self.revise_at:
+            self.revise_at = None
         if any_rank(self.seconds_left() <= 0, self.world, self.device):
             if step < self.planned(total_steps):
                 log(f"--minutes {self.minutes:g} spent at step {step}, before the planned {self.planned(total_steps)}")
@@ -1062,7 +1085,8 @@ class TimeBudget:
 
     def state(self):
         """For the checkpoint: plain numbers."""
-        return {"train_seconds": self.seconds(), "planned_steps": self.plan, "planned_minutes": self.minutes}
+        return {"train_seconds": self.seconds(), "planned_steps": self.plan, "planned_minutes": self.minutes,
+                "revise_plan_at": self.revise_at}
 
 
 def check_backbone(args):

@@ -2,6 +2,8 @@
 schedule at known steps, the Min-SNR weights at known SNRs, and the --minutes plan that fixes a
 run's length."""
 import argparse
+import re
+
 import pytest
 import torch
 
@@ -91,15 +93,50 @@ def test_a_minutes_run_is_planned_stops_at_its_plan_and_resumes_exactly(fake_mni
     ddpm.main([*common, "--minutes", "0.03"])  # 1.8 s of this clock: 60 readings
     log = capsys.readouterr().out
     first = torch.load(out / "ckpt.pt", weights_only=True)
-    planned = first["planned_steps"]
-    assert f"so the run is planned as {planned} steps" in log and first["planned_minutes"] == 0.03
+    planned = first["planned_steps"]  # the plan after its revision halfway (at an even speed: about the same)
+    first_plan = int(re.search(r"so the run is planned as (\d+) steps", log).group(1))
+    assert abs(planned - first_plan) <= 3 and first["planned_minutes"] == 0.03, log
     assert first["step"] == planned and 40 < planned < 60, log  # about one reading a step, 5% kept back
     assert "spent at step" not in log  # the plan ended the run, not the clock
     assert first["optimizer"]["param_groups"][0]["lr"] < 0.01 * 5e-4  # the last step's rate: near zero
-    assert first["train_seconds"] <= 0.03 * 60
+    assert first["train_seconds"] <= 0.03 * 60 + 0.03  # (within one reading: the last step's)
     ddpm.main([*common, "--minutes", "0.03", "--resume"])
     again = torch.load(out / "ckpt.pt", weights_only=True)
     assert again["step"] == planned and "planned as" not in capsys.readouterr().out  # the same plan, kept
     ddpm.main([*common, "--minutes", "0.05", "--resume"])
     longer = torch.load(out / "ckpt.pt", weights_only=True)
     assert longer["planned_minutes"] == 0.05 and longer["step"] == longer["planned_steps"] > planned + 20
+
+
+def test_a_minutes_plan_is_revised_halfway_when_the_steps_slow_down(fake_mnist, tmp_path, capsys, monkeypatch):
+    """The first steps' speed fixes a plan; when the steps after it run slower (the clock here
+    ticks 20 ms a reading for the first 15 readings, then 40 ms), the revision halfway to the
+    planned end shortens it to what fits, and the run ends at the revised plan, not by the clock;
+    the checkpoint says no revision is left, so a --resume with the same --minutes keeps it."""
+    readings = []
+
+    def slowing_clock():
+        readings.append(0.02 if len(readings) < 15 else 0.04)
+        return sum(readings)
+
+    monkeypatch.setattr(ddpm.TimeBudget, "clock", staticmethod(slowing_clock))
+    monkeypatch.setattr(ddpm.TimeBudget, "PLAN_AFTER", 10)
+    monkeypatch.setattr(ddpm.TimeBudget, "SKIP", 2)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(fake_mnist), "--out-dir", str(out), "--channels", "8", "--channel-mult", "1,2",
+              "--num-blocks", "1", "--no-attention", "--timesteps", "20", "--batch-size", "8", "--epochs", "1000",
+              "--eval-images", "0", "--sample-every", "100000", "--num-samples", "4", "--lr-schedule", "cosine",
+              "--warmup-steps", "5", "--log-every", "100000"]
+    ddpm.main([*common, "--minutes", "0.03"])
+    log = capsys.readouterr().out
+    first = re.search(r"so the run is planned as (\d+) steps", log)
+    revised = re.search(r"so the plan is revised to (\d+) steps", log)
+    assert first and revised, log
+    first, revised = int(first.group(1)), int(revised.group(1))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert revised < 0.8 * first  # the steps after the plan took twice as long
+    assert ckpt["step"] == ckpt["planned_steps"] == revised and "spent at step" not in log, log
+    assert ckpt["revise_plan_at"] is None  # no revision left for a resume
+    ddpm.main([*common, "--minutes", "0.03", "--resume"])
+    assert "planned as" not in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == revised
