@@ -646,7 +646,7 @@ def train(args):
                 # the log: the loss, and per quarter of the timestep range (t in [0, T/4), ...)
                 meter.add("loss", loss)
                 meter.add("by t quarter", loss, group=t * 4 // args.timesteps, groups=4)
-                # the time budget (--minutes): the run's length fixed after its first steps; when spent, the end
+                # the time budget (--minutes): the run's length planned after its first steps, revised halfway; when spent, the end
                 total_steps = meter.total = budget.update(step)
                 meter.tick(step)
                 if step >= total_steps:
