@@ -1077,11 +1077,12 @@ class TimeBudget:
             log(f"--minutes {self.minutes:g}: {speed} since, so the plan is revised to {min(self.plan, total_steps)} steps")
         if self.revise_at is not None and step >= self.revise_at:
             self.revise_at = None
+        planned = min(total_steps, self.plan) if self.plan else total_steps
         if any_rank(self.seconds_left() <= 0, self.world, self.device):
-            if step < self.planned(total_steps):
-                log(f"--minutes {self.minutes:g} spent at step {step}, before the planned {self.planned(total_steps)}")
+            if step < planned:
+                log(f"--minutes {self.minutes:g} spent at step {step}, before the planned {planned}")
             return step
-        return self.planned(total_steps)
+        return planned
 
     def state(self):
         """For the checkpoint: plain numbers."""

@@ -70,6 +70,18 @@ def test_the_min_snr_v_loss_is_the_capped_eps_loss_of_the_same_prediction():
     assert torch.allclose(v_loss, eps_loss, rtol=1e-4)
 
 
+def minutes_run(monkeypatch, clock, data_dir, out):
+    """A tiny --minutes run's flags (all but --minutes), with the budget reading `clock` and planning
+    after 10 steps, not 50 (a shorter test)."""
+    monkeypatch.setattr(ddpm.TimeBudget, "clock", staticmethod(clock))
+    monkeypatch.setattr(ddpm.TimeBudget, "PLAN_AFTER", 10)
+    monkeypatch.setattr(ddpm.TimeBudget, "SKIP", 2)
+    return ["--data-dir", str(data_dir), "--out-dir", str(out), "--channels", "8", "--channel-mult", "1,2",
+            "--num-blocks", "1", "--no-attention", "--timesteps", "20", "--batch-size", "8", "--epochs", "1000",
+            "--eval-images", "0", "--sample-every", "100000", "--num-samples", "4", "--lr-schedule", "cosine",
+            "--warmup-steps", "5", "--log-every", "100000"]
+
+
 def test_a_minutes_run_is_planned_stops_at_its_plan_and_resumes_exactly(fake_mnist, tmp_path, capsys, monkeypatch):
     """--minutes with the cosine schedule: the length is fixed from the first steps' speed and kept
     in the checkpoint; the run ends there with the learning rate near 0; a --resume with the same
@@ -82,14 +94,8 @@ def test_a_minutes_run_is_planned_stops_at_its_plan_and_resumes_exactly(fake_mni
         now[0] += 0.03
         return now[0]
 
-    monkeypatch.setattr(ddpm.TimeBudget, "clock", staticmethod(ticking_clock))
-    monkeypatch.setattr(ddpm.TimeBudget, "PLAN_AFTER", 10)  # a plan after 10 steps, not 50: a shorter test
-    monkeypatch.setattr(ddpm.TimeBudget, "SKIP", 2)
     out = tmp_path / "run"
-    common = ["--data-dir", str(fake_mnist), "--out-dir", str(out), "--channels", "8", "--channel-mult", "1,2",
-              "--num-blocks", "1", "--no-attention", "--timesteps", "20", "--batch-size", "8", "--epochs", "1000",
-              "--eval-images", "0", "--sample-every", "100000", "--num-samples", "4", "--lr-schedule", "cosine",
-              "--warmup-steps", "5", "--log-every", "100000"]
+    common = minutes_run(monkeypatch, ticking_clock, fake_mnist, out)
     ddpm.main([*common, "--minutes", "0.03"])  # 1.8 s of this clock: 60 readings
     log = capsys.readouterr().out
     first = torch.load(out / "ckpt.pt", weights_only=True)
@@ -119,14 +125,8 @@ def test_a_minutes_plan_is_revised_halfway_when_the_steps_slow_down(fake_mnist, 
         readings.append(0.02 if len(readings) < 15 else 0.04)
         return sum(readings)
 
-    monkeypatch.setattr(ddpm.TimeBudget, "clock", staticmethod(slowing_clock))
-    monkeypatch.setattr(ddpm.TimeBudget, "PLAN_AFTER", 10)
-    monkeypatch.setattr(ddpm.TimeBudget, "SKIP", 2)
     out = tmp_path / "run"
-    common = ["--data-dir", str(fake_mnist), "--out-dir", str(out), "--channels", "8", "--channel-mult", "1,2",
-              "--num-blocks", "1", "--no-attention", "--timesteps", "20", "--batch-size", "8", "--epochs", "1000",
-              "--eval-images", "0", "--sample-every", "100000", "--num-samples", "4", "--lr-schedule", "cosine",
-              "--warmup-steps", "5", "--log-every", "100000"]
+    common = minutes_run(monkeypatch, slowing_clock, fake_mnist, out)
     ddpm.main([*common, "--minutes", "0.03"])
     log = capsys.readouterr().out
     first = re.search(r"so the run is planned as (\d+) steps", log)
