@@ -1,7 +1,8 @@
 """torchrun DDP for ddpm.py on the CPU (gloo backend, 2 processes, the fake MNIST): the ranks
 stay in lockstep, split each global batch, draw their own noise, and only rank 0 writes;
-the checkpoint loads in sample.py and a resumed DDP run continues the step count. (The run and
-its --resume share one torchrun start, which costs more than the runs: tests/ddp_worker.py.)"""
+the checkpoint loads in sample.py and a resumed DDP run continues the step count; a tiny DiT
+(--arch dit) trains the same way. (The runs share one torchrun start, which costs more than the
+runs: tests/ddp_worker.py.)"""
 import os
 import socket
 import subprocess
@@ -13,8 +14,10 @@ import torch
 from conftest import ROOT
 from ddp_worker import RUN_MARK
 
-TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--timesteps", "10", "--no-attention",
-        "--batch-size", "32", "--log-every", "4", "--num-samples", "4", "--eval-images", "0", "--device", "cpu"]
+RUN = ["--timesteps", "10", "--batch-size", "32", "--log-every", "4", "--num-samples", "4", "--eval-images", "0",
+       "--device", "cpu"]
+TINY = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--no-attention", *RUN]
+TINY_DIT = ["--arch", "dit", "--patch-size", "7", "--width", "16", "--depth", "1", "--heads", "2", *RUN]
 
 
 def free_port():
@@ -41,13 +44,20 @@ def torchrun(probe_dir, *runs, nproc=2):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(fake_mnist, tmp_path_factory):
-    """One epoch (256 digits, global batch 32: 8 steps) on 2 ranks, then --resume for a second."""
+def ddp_runs(fake_mnist, tmp_path_factory):
+    """One epoch (256 digits, global batch 32: 8 steps) on 2 ranks, then --resume for a second;
+    then, in the same processes, one epoch of a tiny DiT (--arch dit)."""
     out = tmp_path_factory.mktemp("ddp")
     run = ["--data-dir", fake_mnist, "--out-dir", out / "run", *TINY]
-    first, second = torchrun(out / "probe", run + ["--epochs", "1"], run + ["--epochs", "2", "--resume"])
+    dit = ["--data-dir", fake_mnist, "--out-dir", out / "dit", *TINY_DIT, "--epochs", "1"]
+    first, second, dit_run = torchrun(out / "probe", run + ["--epochs", "1"], run + ["--epochs", "2", "--resume"], dit)
     ckpt_after_first = torch.load(out / "probe" / "run0_ckpt.pt", weights_only=True)
-    return out, first, ckpt_after_first, second
+    return (out, first, ckpt_after_first, second), dit_run
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_runs):
+    return ddp_runs[0]
 
 
 def test_ranks_hold_identical_weights_after_every_step(ddp_run):
@@ -58,6 +68,18 @@ def test_ranks_hold_identical_weights_after_every_step(ddp_run):
             assert torch.equal(w0, w1), f"weights differ at step {step}"
             assert torch.equal(e0, e1), f"EMA differs at step {step}"
         assert not torch.equal(r0["weights"][0], r0["weights"][-1])  # and they did train
+
+
+def test_a_dit_trains_in_lockstep_under_torchrun_and_loads_in_sample_py(ddp_runs, tmp_path):
+    import sample
+    (out, *_), (stdout, (r0, r1)) = ddp_runs
+    assert len(r0["weights"]) == len(r1["weights"]) == 8
+    assert all(torch.equal(w0, w1) for w0, w1 in zip(r0["weights"], r1["weights"]))
+    assert not torch.equal(r0["weights"][0], r0["weights"][-1])
+    assert not any(torch.equal(a, b) for a, b in zip(r0["timesteps"], r1["timesteps"]))
+    assert torch.load(out / "dit" / "ckpt.pt", weights_only=True)["config"]["arch"] == "dit"
+    sample.main(["--ckpt", str(out / "dit" / "ckpt.pt"), "--n", "4", "--device", "cpu", "--out", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").exists()
 
 
 def test_each_rank_takes_its_share_and_an_epoch_sees_every_digit_once(ddp_run, fake_mnist):
