@@ -109,8 +109,6 @@ def make_parser():
     g.add_argument("--ema-decay", type=float, default=0.9999, help="maximum EMA decay (warmed up from 0)")
     g.add_argument("--min-snr-gamma", type=number_at_least(float, 0), default=0.0,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain eps-loss weight")
-    g.add_argument("--timestep-sampling", choices=["uniform", "log-normal"], default="uniform",
-                   help="training timesteps: uniform over 0..T-1 (Ho et al.), or log-normal noise levels (Karras et al. 2022)")
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="DDIM, or ancestral DDPM (all T steps)")
     g.add_argument("--sample-steps", type=positive_int, default=None, help="DDIM steps (default 50, or T if fewer)")
@@ -132,7 +130,7 @@ BACKBONES = {  # each backbone's own flags and their defaults (a flag of the oth
     "dit": {"patch_size": 4, "width": 128, "depth": 6, "heads": 4},
 }
 RUN_KEYS = ("seed", "batch_size", "lr", "warmup_steps", "lr_schedule", "grad_clip", "ema_decay", "min_snr_gamma",
-            "timestep_sampling", "p_uncond")
+            "p_uncond")
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,35 +342,14 @@ def training_target_and_weight(sched, x0, noise, t, parameterization, min_snr_ga
 # 4. Training loss
 # ---------------------------------------------------------------------------------------
 
-# EDM's training noise levels (Karras et al. 2022, section 5 and table 1): ln sigma ~ N(P_mean, P_std^2),
-# with sigma^2 = (1 - ab) / ab = 1 / snr the noise-to-signal ratio of x_t / sqrt(ab) = x0 + sigma eps.
-LOG_NORMAL_P_MEAN, LOG_NORMAL_P_STD = -1.2, 1.2
-
-
-def sample_timesteps(sched, n, device, generator=None, sampling="uniform"):
-    """n training timesteps. "uniform": t ~ Uniform{0..T-1} (Ho et al., Algorithm 1).
-    "log-normal": a noise level drawn as EDM draws it, ln sigma ~ N(-1.2, 1.2^2), rounded up to
-    the schedule's first step that is at least as noisy: t = #{k : ln sigma_k < ln sigma}
-    (capped at T - 1), so P(t <= k) = Phi((ln sigma_k - P_mean) / P_std). It spends the steps
-    where sigma is near 0.3, between the near-clean steps and pure noise."""
-    T = sched["betas"].shape[0]
-    if sampling == "uniform":
-        return torch.randint(0, T, (n,), device=device, generator=generator)
-    ab = sched["alpha_bar"]
-    log_sigma = 0.5 * (torch.log1p(-ab) - torch.log(ab))  # increasing in t
-    draw = LOG_NORMAL_P_MEAN + LOG_NORMAL_P_STD * torch.randn(n, device=device, generator=generator)
-    return torch.searchsorted(log_sigma, draw).clamp(max=T - 1)
-
-
-def diffusion_loss(model_fn, sched, x0, parameterization, generator=None, min_snr_gamma=0.0,
-                   timestep_sampling="uniform"):
+def diffusion_loss(model_fn, sched, x0, parameterization, generator=None, min_snr_gamma=0.0):
     """Per-image simple loss and the timesteps drawn.  (B,1,28,28) -> (B,), (B,); any (B, ...) data.
 
     Algorithm 1 of Ho et al.: t ~ Uniform{0..T-1}, eps ~ N(0, I), regress the target at
     x_t = q_sample(x0, t, eps). Returns the per-image loss so that the training loop can
-    report it per quarter of the timestep range. min_snr_gamma: see training_target_and_weight;
-    timestep_sampling: see sample_timesteps."""
-    t = sample_timesteps(sched, x0.shape[0], x0.device, generator, timestep_sampling)
+    report it per quarter of the timestep range. min_snr_gamma: see training_target_and_weight."""
+    T = sched["betas"].shape[0]
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = q_sample(sched, x0, t, noise)
     target, weight = training_target_and_weight(sched, x0, noise, t, parameterization, min_snr_gamma)
@@ -608,8 +585,7 @@ def make_train_step(model_fn, net, ema, opt, sched, args):
     def train_step(images, labels, decay):
         x0 = to_model_range(images)
         fn = with_labels(model_fn, drop_labels(labels, args.p_uncond, net.null_label)) if args.class_cond else model_fn
-        loss, t = diffusion_loss(fn, sched, x0, args.pred, min_snr_gamma=args.min_snr_gamma,
-                                 timestep_sampling=args.timestep_sampling)
+        loss, t = diffusion_loss(fn, sched, x0, args.pred, min_snr_gamma=args.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)

@@ -33,25 +33,6 @@ def test_the_learning_rate_warms_up_then_follows_a_half_cosine_to_zero():
     assert ddpm.learning_rate(109, 110, constant) == ddpm.learning_rate(10_000, 110, constant) == 2e-3
 
 
-
-def test_log_normal_timesteps_follow_edm_noise_levels_on_the_schedule():
-    """P(t <= k) = Phi((ln sigma_k + 1.2) / 1.2) with sigma_k^2 = (1 - ab_k) / ab_k (Karras et al. 2022):
-    the empirical distribution of 400,000 draws against the normal CDF of torch.distributions."""
-    sched = ddpm.make_schedule("cosine", 1000)
-    t = ddpm.sample_timesteps(sched, 400_000, "cpu", torch.Generator().manual_seed(0), "log-normal")
-    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
-    ab = sched["alpha_bar"].double()
-    sigma = ((1 - ab) / ab).sqrt()
-    normal = torch.distributions.Normal(-1.2, 1.2)
-    for k in (50, 150, 300, 500, 700, 900):
-        expected = normal.cdf(sigma[k].log()).item()
-        assert (t <= k).double().mean().item() == pytest.approx(expected, abs=0.004)  # 4 standard errors or more
-    # Half the draws below sigma = e^-1.2 = 0.30, the step where the cosine schedule's sigma crosses it:
-    median_step = int(torch.searchsorted(sigma.log(), torch.tensor(-1.2, dtype=torch.float64)))
-    assert abs(t.double().median().item() - median_step) <= 2
-    uniform = ddpm.sample_timesteps(sched, 100_000, "cpu", torch.Generator().manual_seed(0))
-    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.double().mean().item() - 499.5) < 3
-
 def snr_schedule(snrs):
     """A stand-in schedule whose steps 0, 1, ... have the given signal-to-noise ratios: ab = snr / (1 + snr)."""
     ab = torch.tensor([s / (1 + s) for s in snrs], dtype=torch.float64).float()

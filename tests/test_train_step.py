@@ -11,8 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ddpm
 
 CONFIG = dict(channels=8, channel_mult="1,2", num_blocks=1, attention=True, dropout=0.0, arch="resnet", class_cond=True,
-              pred="v", p_uncond=0.3, grad_clip=0.05, lr=2e-3, warmup_steps=5, ema_decay=0.9999, min_snr_gamma=0.0,
-              timestep_sampling="uniform")
+              pred="v", p_uncond=0.3, grad_clip=0.05, lr=2e-3, warmup_steps=5, ema_decay=0.9999, min_snr_gamma=0.0)
 
 
 def lr_at(step):
