@@ -4,6 +4,7 @@ Each piece is checked against a direct computation written out here (loops over 
 the position formula in plain math), or against a property that a wrong implementation
 would break (exact inverses, identity at initialisation, permutation equivariance).
 """
+import json
 import math
 
 import numpy as np
@@ -231,7 +232,7 @@ def run_main(module, argv, capsys):
     return run_in_process(module.main, argv, capsys)
 
 
-def test_ddpm_trains_resumes_evaluates_and_samples_a_class_conditional_dit(fake_mnist, tmp_path, capsys):
+def test_ddpm_trains_resumes_evaluates_and_samples_a_class_conditional_dit(fake_mnist, classifier, tmp_path, capsys):
     import ddpm
     import sample
     out = tmp_path / "dit"
@@ -246,11 +247,17 @@ def test_ddpm_trains_resumes_evaluates_and_samples_a_class_conditional_dit(fake_
     assert code == 0 and "resumed at step 3" in log, err
     assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 5
     code, log, err = run_main(ddpm, ["--data-dir", fake_mnist, "--out-dir", out, "--eval-only", "--eval-images", "2",
-                                     "--num-samples", "10", "--sample-steps", "4", "--guidance", "1"], capsys)
+                                     "--num-samples", "10", "--sample-steps", "4", "--guidance", "1",
+                                     "--score-samples", "20", "--classifier", classifier], capsys)
     assert code == 0 and "bound of -log p(x | y)" in log, err
+    assert json.load(open(out / "eval.json"))["score"]["n"] == 20  # score.py's figures of the DiT's samples
     code, log, err = run_main(sample, ["--ckpt", out / "ckpt.pt", "--n", "4", "--out", tmp_path / "grid.png",
                                        "--sample-steps", "3", "--guidance", "2", "--device", "cpu"], capsys)
     assert code == 0 and (tmp_path / "grid.png").exists(), err
+    code, log, err = run_main(sample, ["--ckpt", out / "ckpt.pt", "--inpaint", "bottom", "--data-dir", fake_mnist,
+                                       "--n", "2", "--completions", "2", "--resample", "2", "--sample-steps", "3",
+                                       "--out", tmp_path / "inpaint.png", "--device", "cpu"], capsys)
+    assert code == 0 and (tmp_path / "inpaint.png").exists(), err
 
 
 @pytest.mark.parametrize("argv, needle", [
