@@ -59,9 +59,9 @@ def step_function(net, ema, sched, images, labels, steps, compile=False):
     return torch.stack(losses)
 
 
-def setup_pair(steps=20, batch=8):
+def setup_pair(steps=20, batch=8, config=CONFIG):
     torch.manual_seed(0)
-    net = ddpm.build_model(CONFIG)
+    net = ddpm.build_model(config)
     with torch.no_grad():  # every weight nonzero, so each one is trained and compared
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -98,17 +98,20 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_step_never_reads_a_number_back_to_the_host():
+@pytest.mark.parametrize("config", [CONFIG, dict(CONFIG, arch="dit", patch_size=7, width=16, depth=1, heads=2)],
+                         ids=["unet", "dit"])
+def test_the_step_never_reads_a_number_back_to_the_host(config):
     """A CUDA graph cannot record a read of a device number by the host (tensor.item(), or a 0-d
     tensor passed where a Python number is expected), and in an eager step each such read stalls
     until the GPU catches up. On the CPU the read shows as the op aten._local_scalar_dense: none
-    may run in a step whose learning rate and EMA decay are tensors. (The EMA update as
+    may run in a step whose learning rate and EMA decay are tensors, with either network. (The EMA update as
     torch._foreach_lerp_(ema, params, 1 - decay) was one: _foreach_lerp_ takes no tensor weight.)"""
-    net, ema, _, _, sched, images, labels = setup_pair(steps=2, batch=4)
+    net, ema, _, _, sched, images, labels = setup_pair(steps=2, batch=4, config=config)
+    assert type(net).__name__ == {"dit": "DiT"}.get(config["arch"], "UNet")
     lr, decay = torch.tensor(CONFIG["lr"]), torch.tensor(0.5)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, **ddpm.adam_options(torch.device("cpu")))
     train_step = ddpm.make_train_step(ddpm.make_model_fn(net, torch.device("cpu"), amp=False), net, ema, opt, sched,
-                                      argparse.Namespace(**CONFIG))
+                                      argparse.Namespace(**config))
     train_step(images[0], labels[0], decay)  # the first step creates the optimizer's state
     with OpRecorder() as recorder:
         train_step(images[1], labels[1], decay)
