@@ -1036,7 +1036,10 @@ class TimeBudget:
     def planned(self, total_steps):
         """The run's length: total_steps (of --epochs or --max-steps), or the plan if shorter."""
         self.limit = total_steps  # what a revised plan may extend up to
-        return min(total_steps, self.plan) if self.plan else total_steps
+        return self.length()
+
+    def length(self):
+        return min(self.limit, self.plan) if self.plan else self.limit
 
     def start(self, step):
         self.first_step, self.timed_from = step, None  # (step, clock) where the speed's timing starts
@@ -1060,9 +1063,8 @@ class TimeBudget:
 
     def update(self, step):
         """The run's total steps after `step` steps: planned, revised once, cut short if the time is spent."""
-        total_steps = self.limit
         if not self.minutes:
-            return total_steps
+            return self.limit
         timed = step - self.first_step
         if timed == self.SKIP:
             if self.device.type == "cuda":
@@ -1071,13 +1073,13 @@ class TimeBudget:
         if self.plan is None and timed == self.PLAN_AFTER:
             self.plan, speed = self.steps_that_fit(step)
             self.revise_at = (step + self.plan) // 2  # the same step on every rank
-            log(f"--minutes {self.minutes:g}: {speed}, so the run is planned as {min(self.plan, total_steps)} steps")
+            log(f"--minutes {self.minutes:g}: {speed}, so the run is planned as {self.length()} steps")
         elif step == self.revise_at and timed >= self.PLAN_AFTER:  # (a resumed process needs its own timing)
             self.plan, speed = self.steps_that_fit(step)
-            log(f"--minutes {self.minutes:g}: {speed} since, so the plan is revised to {min(self.plan, total_steps)} steps")
+            log(f"--minutes {self.minutes:g}: {speed} since, so the plan is revised to {self.length()} steps")
         if self.revise_at is not None and step >= self.revise_at:
             self.revise_at = None
-        planned = min(total_steps, self.plan) if self.plan else total_steps
+        planned = self.length()
         if any_rank(self.seconds_left() <= 0, self.world, self.device):
             if step < planned:
                 log(f"--minutes {self.minutes:g} spent at step {step}, before the planned {planned}")
